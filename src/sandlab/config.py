@@ -1,0 +1,228 @@
+"""Typed schema of a recipe (TRL-style dataclasses), used to validate what Hydra composed.
+
+Hydra composes ``recipes/<recipe>.yaml`` from the groups model/teacher/data/train/eval/launcher;
+``validate_recipe`` merges the result into this schema so a wrong type or an unknown key fails
+before anything expensive starts.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any, Optional
+
+from omegaconf import DictConfig, OmegaConf
+from omegaconf.errors import OmegaConfBaseException
+
+from sandlab.errors import ConfigError
+
+
+@dataclass
+class ModelConfig:
+    """The model being trained and evaluated (the student)."""
+
+    name: str = "model"
+    # Hub id (e.g. Qwen/Qwen2.5-32B-Instruct), a local directory, or embedded://smollm2-135m-instruct.
+    path: str = "embedded://smollm2-135m-instruct"
+    chat_template: Optional[str] = None  # path to a .jinja file overriding the tokenizer's template
+    dtype: str = "bfloat16"
+    max_model_len: int = 32768
+
+
+@dataclass
+class BackendConfig:
+    """An inference backend: the in-process vLLM engine, OpenAI-compatible servers, or transformers."""
+
+    backend: str = "vllm"  # vllm | openai | hf
+    model: str = "embedded://smollm2-135m-instruct"  # model path/id; for openai: the served model name
+    base_urls: list[str] = field(default_factory=list)  # openai backend: one or more http://host:port/v1
+    api_key_env: str = "OPENAI_API_KEY"  # name of the env var holding the key; the key itself never lands in configs
+    max_concurrency: int = 32
+    timeout_s: float = 600.0
+    max_retries: int = 5
+    retry_backoff_s: float = 1.0
+    tensor_parallel_size: int = 1
+    data_parallel_size: int = 1
+    max_model_len: int = 32768
+    gpu_memory_utilization: float = 0.9
+    dtype: str = "bfloat16"
+    chat_template: Optional[str] = None
+    enforce_eager: bool = False
+    extra_engine_args: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass
+class SamplingSettings:
+    n: int = 1
+    temperature: float = 0.0
+    top_p: float = 1.0
+    max_tokens: int = 512
+    seed: Optional[int] = 0
+    stop: list[str] = field(default_factory=list)
+
+
+@dataclass
+class GenerationStage:
+    num_problems: int = 8
+    domain: str = "math"
+    taxonomy: str = "data_gen/taxonomies/math.yaml"
+    prompt: str = "data_gen/prompts/math_problem.txt"
+    # Text the assistant turn starts with (prefill); helps small teachers follow the tag format.
+    response_prefix: str = ""
+    sampling: SamplingSettings = field(default_factory=SamplingSettings)
+
+
+@dataclass
+class SolveStage:
+    k: int = 4
+    prompt: str = "data_gen/prompts/solve.txt"
+    include_reference: bool = True  # count the teacher's reference answer as one vote
+    sampling: SamplingSettings = field(default_factory=SamplingSettings)
+
+
+@dataclass
+class AgreementStage:
+    # Fraction of votes the majority answer needs; 1.0 = unanimity (the SAND setting).
+    min_agreement: float = 1.0
+    min_votes: int = 2
+
+
+@dataclass
+class DedupStage:
+    embedding_model: str = "embedded://all-minilm-l6-v2"
+    # Cosine threshold is tied to the embedding model: 0.9 for all-MiniLM-L6-v2.
+    threshold: float = 0.9
+    batch_size: int = 64
+
+
+@dataclass
+class ExportStage:
+    variant: str = "math"
+    min_words: int = 0  # AMD kept solutions longer than 500 words
+    system_prompt: str = "Please reason step by step, and put your final answer within \\boxed{}."
+
+
+@dataclass
+class DataConfig:
+    name: str = "demo_math"
+    # Use an existing SFT dataset (JSONL file/dir or Hub id) instead of generating one.
+    dataset_path: Optional[str] = None
+    generate: GenerationStage = field(default_factory=GenerationStage)
+    solve: SolveStage = field(default_factory=SolveStage)
+    agreement: AgreementStage = field(default_factory=AgreementStage)
+    dedup: DedupStage = field(default_factory=DedupStage)
+    export: ExportStage = field(default_factory=ExportStage)
+
+
+@dataclass
+class TrainConfig:
+    method: str = "sft"
+    learning_rate: float = 5e-6
+    lr_scheduler_type: str = "cosine"
+    warmup_ratio: float = 0.0
+    num_train_epochs: float = 5.0
+    max_steps: int = -1
+    per_device_train_batch_size: int = 2
+    gradient_accumulation_steps: int = 1
+    num_processes: int = 8
+    global_batch_size: int = 16
+    max_length: int = 32768
+    packing: bool = False
+    bf16: bool = True
+    gradient_checkpointing: bool = True
+    attn_implementation: str = "flash_attention_2"
+    use_liger_kernel: bool = False
+    save_strategy: str = "epoch"
+    logging_steps: int = 1
+    accelerate_config: str = "accelerate_configs/zero3.yaml"
+    use_cpu: bool = False
+    # Any further trl.SFTConfig field, passed through as is.
+    extra_args: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass
+class EvalConfig:
+    protocol: str = "paper"
+    benchmarks: list[str] = field(default_factory=lambda: ["aime24", "aime25", "math500", "gpqa_diamond"])
+    limit: Optional[int] = None  # first N items of each benchmark (demo/CI slices)
+    system_prompt: str = "Please reason step by step, and put your final answer within \\boxed{}."
+    # Per-benchmark sampling; keys are benchmark names, "default" applies to the rest.
+    sampling: dict[str, SamplingSettings] = field(default_factory=dict)
+    backend: BackendConfig = field(default_factory=BackendConfig)
+    models: list[str] = field(default_factory=lambda: ["tuned"])  # base | tuned | <path or hub id>
+    grading_timeout_s: float = 5.0
+
+
+@dataclass
+class WandbConfig:
+    project: str = "sandlab"
+    entity: Optional[str] = None
+    group: Optional[str] = None
+    tags: list[str] = field(default_factory=list)
+    mode: Optional[str] = None  # online | offline | disabled; None: online if WANDB_API_KEY is set, else offline
+
+
+@dataclass
+class LauncherConfig:
+    name: str = "local"
+    partition: Optional[str] = None
+    account: Optional[str] = None
+    nodes: int = 1
+    gpus_per_node: int = 0
+    cpus_per_task: int = 2
+    time: str = "01:00:00"
+
+
+@dataclass
+class RunSettings:
+    dir: str = "runs/${recipe}"
+    seed: int = 0
+
+
+@dataclass
+class RecipeConfig:
+    recipe: str = "recipe"
+    description: str = ""
+    stages: list[str] = field(default_factory=lambda: ["generate", "solve", "filter", "dedup", "export", "train", "eval", "report"])
+    run: RunSettings = field(default_factory=RunSettings)
+    model: ModelConfig = field(default_factory=ModelConfig)
+    teacher: BackendConfig = field(default_factory=BackendConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
+    wandb: WandbConfig = field(default_factory=WandbConfig)
+    launcher: LauncherConfig = field(default_factory=LauncherConfig)
+
+
+STAGES = ("generate", "solve", "filter", "dedup", "export", "train", "eval", "report")
+BACKENDS = ("vllm", "openai", "hf")
+
+
+def validate_recipe(cfg: DictConfig) -> RecipeConfig:
+    """Merge the composed config into the schema and check cross-field rules; raise ConfigError."""
+    plain = OmegaConf.to_container(cfg, resolve=True)
+    plain.pop("hydra", None)
+    try:
+        merged = OmegaConf.merge(OmegaConf.structured(RecipeConfig), plain)
+        recipe: RecipeConfig = OmegaConf.to_object(merged)  # type: ignore[assignment]
+    except OmegaConfBaseException as exc:
+        msg = str(exc).splitlines()[0]
+        key = getattr(exc, "full_key", None)
+        raise ConfigError(f"invalid recipe value{f' at {key}' if key else ''}: {msg}") from None
+    unknown = [s for s in recipe.stages if s not in STAGES]
+    if unknown:
+        raise ConfigError(f"unknown stage(s) {unknown}; choose from {list(STAGES)}")
+    for where, backend in (("teacher", recipe.teacher), ("eval.backend", recipe.eval.backend)):
+        if backend.backend not in BACKENDS:
+            raise ConfigError(f"{where}.backend={backend.backend!r} is not one of {list(BACKENDS)}")
+        if backend.backend == "openai" and not backend.base_urls:
+            raise ConfigError(f"{where}.backend=openai needs {where}.base_urls=[http://host:port/v1, ...]")
+    t = recipe.train
+    if t.per_device_train_batch_size * t.gradient_accumulation_steps * t.num_processes != t.global_batch_size:
+        raise ConfigError(
+            f"train.global_batch_size={t.global_batch_size} but per_device_train_batch_size x "
+            f"gradient_accumulation_steps x num_processes = {t.per_device_train_batch_size} x "
+            f"{t.gradient_accumulation_steps} x {t.num_processes}; fix one of them"
+        )
+    if not 0 < recipe.data.agreement.min_agreement <= 1:
+        raise ConfigError("data.agreement.min_agreement must be in (0, 1]")
+    return recipe

@@ -1,0 +1,46 @@
+"""Answer agreement: keep a problem when enough independent answers are equivalent (shared grader)."""
+
+from __future__ import annotations
+
+from sandlab.config import AgreementStage
+from sandlab.grading import GradeItem, GradingPool
+from sandlab.records import Record
+
+
+def cluster_answers(answers: list[str], pool: GradingPool) -> list[list[int]]:
+    """Greedy equivalence clusters: each answer joins the first cluster whose representative it equals."""
+    clusters: list[list[int]] = []
+    for i, answer in enumerate(answers):
+        if clusters:
+            reps = [answers[c[0]] for c in clusters]
+            results = pool.grade_many([GradeItem(response=f"\\boxed{{{answer}}}", gold=rep) for rep in reps])
+            match = next((ci for ci, r in enumerate(results) if r.correct), None)
+            if match is not None:
+                clusters[match].append(i)
+                continue
+        clusters.append([i])
+    return clusters
+
+
+def filter_by_agreement(records: list[Record], cfg: AgreementStage, pool: GradingPool, *, include_reference: bool) -> tuple[list[Record], list[Record]]:
+    kept, dropped = [], []
+    for rec in records:
+        # votes: (answer, index into solutions or -1 for the reference)
+        votes = [(s["answer"], i) for i, s in enumerate(rec["solutions"]) if s["answer"]]
+        if include_reference and rec.get("reference_answer"):
+            votes.append((rec["reference_answer"], -1))
+        total = len(rec["solutions"]) + (1 if include_reference and rec.get("reference_answer") else 0)
+        if not votes:
+            dropped.append({**rec, "reason": "no_parsable_answers"})
+            continue
+        clusters = cluster_answers([a for a, _ in votes], pool)
+        best = max(clusters, key=len)
+        share = len(best) / total
+        stats = {"agreement": round(share, 4), "votes": len(best), "total_votes": total}
+        if len(best) < cfg.min_votes or share < cfg.min_agreement:
+            dropped.append({**rec, **stats, "reason": "disagreement"})
+            continue
+        solution_ids = [votes[j][1] for j in best if votes[j][1] >= 0]
+        chosen = rec["solutions"][solution_ids[0]]["text"] if solution_ids else rec["reference_solution"]
+        kept.append({**rec, **stats, "answer": votes[best[0]][0], "solution": chosen})
+    return kept, dropped

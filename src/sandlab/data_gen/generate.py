@@ -1,0 +1,79 @@
+"""Seedless problem generation: taxonomy-driven prompts, tagged ``<Q>...</Q><S>...</S>`` outputs."""
+
+from __future__ import annotations
+
+import random
+import re
+from pathlib import Path
+
+from sandlab.config import GenerationStage
+from sandlab.data_gen.taxonomy import Taxonomy
+from sandlab.grading import extract_math_answer, strip_reasoning
+from sandlab.inference.base import ChatBackend, SamplingConfig
+from sandlab.records import Record, stable_id
+
+QUESTION_RE = re.compile(r"<Q>(.*?)(?:</Q>|(?=<S>))", re.S)
+SOLUTION_RE = re.compile(r"<S>(.*?)(?:</S>|$)", re.S)
+
+
+def build_requests(cfg: GenerationStage, root: Path, seed: int) -> list[Record]:
+    """One request per problem; ids depend on (domain, seed, index) so reruns regenerate the same ids."""
+    taxonomy = Taxonomy.load(root / cfg.taxonomy)
+    template = (root / cfg.prompt).read_text()
+    rng = random.Random(seed)
+    requests = []
+    for index in range(cfg.num_problems):
+        draw = taxonomy.draw(rng)
+        requests.append({
+            "id": stable_id(taxonomy.domain, seed, index),
+            "domain": taxonomy.domain,
+            "branch": draw.primary,
+            "topic": draw.topic,
+            "secondary_branch": draw.secondary,
+            "prompt": template.format(primary=draw.primary, topic=draw.topic, secondary=draw.secondary),
+        })
+    return requests
+
+
+def parse_problem(text: str) -> tuple[dict[str, str] | None, str | None]:
+    """Return (fields, None) or (None, drop_reason) for one teacher output."""
+    final = strip_reasoning(text)
+    if not final.strip():
+        return None, "empty_output"
+    question = QUESTION_RE.search(final)
+    if not question or not question.group(1).strip():
+        return None, "missing_problem_tag"
+    solution = SOLUTION_RE.search(final, question.end())
+    if not solution or not solution.group(1).strip():
+        return None, "missing_solution_tag"
+    answer = extract_math_answer(solution.group(1))
+    if not answer:
+        return None, "missing_answer"
+    return {"problem": question.group(1).strip(), "reference_solution": solution.group(1).strip(), "reference_answer": answer}, None
+
+
+def generate_problems(backend: ChatBackend, requests: list[Record], cfg: GenerationStage, *, teacher: str) -> tuple[list[Record], list[Record]]:
+    conversations = []
+    for req in requests:
+        conv = [{"role": "user", "content": req["prompt"]}]
+        if cfg.response_prefix:
+            conv.append({"role": "assistant", "content": cfg.response_prefix})
+        conversations.append(conv)
+    sampling = SamplingConfig(**{**vars(cfg.sampling), "n": 1})
+    outputs = backend.generate(conversations, sampling, desc="generate problems")
+    kept, dropped = [], []
+    for req, (completion,) in zip(requests, outputs):
+        base = {k: v for k, v in req.items() if k != "prompt"}
+        usage = {"prompt_tokens": completion.prompt_tokens, "completion_tokens": completion.completion_tokens}
+        if not completion.ok:
+            dropped.append({**base, "reason": "teacher_error", "detail": completion.error})
+            continue
+        if completion.truncated:
+            dropped.append({**base, "reason": "truncated", **usage})
+            continue
+        fields, reason = parse_problem(cfg.response_prefix + completion.text)
+        if fields is None:
+            dropped.append({**base, "reason": reason, "raw": completion.text[:2000], **usage})
+            continue
+        kept.append({**base, **fields, "teacher": teacher, "generation_usage": usage})
+    return kept, dropped

@@ -1,0 +1,30 @@
+"""Independent solutions: the teacher solves each problem k times without seeing the reference."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from sandlab.config import SolveStage
+from sandlab.grading import extract_math_answer
+from sandlab.inference.base import ChatBackend, SamplingConfig
+from sandlab.records import Record
+
+
+def solve_problems(backend: ChatBackend, problems: list[Record], cfg: SolveStage, root: Path) -> list[Record]:
+    template = (root / cfg.prompt).read_text()
+    conversations = [[{"role": "user", "content": template.format(problem=p["problem"])}] for p in problems]
+    sampling = SamplingConfig(**{**vars(cfg.sampling), "n": cfg.k})
+    outputs = backend.generate(conversations, sampling, desc=f"solve x{cfg.k}")
+    solved = []
+    for problem, completions in zip(problems, outputs):
+        solutions = [
+            {
+                "text": c.text,
+                "answer": extract_math_answer(c.text) if c.ok and not c.truncated else None,
+                "finish_reason": c.finish_reason,
+                "completion_tokens": c.completion_tokens,
+            }
+            for c in completions
+        ]
+        solved.append({**problem, "solutions": solutions})
+    return solved

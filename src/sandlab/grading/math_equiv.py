@@ -1,0 +1,101 @@
+"""Math answer equivalence: a string fast path, then math-verify.
+
+math-verify does the real work (LaTeX -> sympy, numeric/symbolic/set/interval comparison). This
+module only (1) feeds it already-extracted answers, because its own extraction does not prefer the
+last ``\\boxed{}``, and (2) chooses its timeouts: they are built on ``signal.alarm``, which only
+works on the main thread, so off the main thread they are disabled and the hard limit is the
+caller's job (see ``sandlab.grading.pool``).
+"""
+
+from __future__ import annotations
+
+import logging
+import re
+import threading
+from functools import lru_cache
+from typing import Any
+
+__all__ = ["math_equal", "fast_equal", "normalize_answer", "strip_assignment"]
+
+_SPACING = re.compile(r"\\[!,;:]|\\ |\\(?:left|right)(?![A-Za-z])|\\displaystyle(?![A-Za-z])|\s+")
+_ASSIGNMENT = re.compile(r"\s*(?:[A-Za-z]|\\[A-Za-z]+)\s*=\s*(.+)", re.DOTALL)
+
+
+def normalize_answer(answer: str) -> str:
+    """Purely textual normalisation used for the fast path (no maths is interpreted)."""
+    answer = re.sub(r"(?<!\\)\$", "", answer)
+    answer = _SPACING.sub("", answer)
+    answer = re.sub(r"\\[dt]frac(?![A-Za-z])", r"\\frac", answer)
+    return answer.rstrip(".")
+
+
+def fast_equal(gold: str, pred: str | None) -> bool:
+    """True when ``pred`` equals ``gold`` after textual normalisation (cheap, never hangs)."""
+    if pred is None:
+        return False
+    pred = strip_assignment(gold, pred)
+    norm = normalize_answer(gold)
+    return bool(norm) and norm == normalize_answer(pred)
+
+
+def strip_assignment(gold: str, pred: str) -> str:
+    """``x = 5`` -> ``5`` when the gold answer is not itself an equation."""
+    if "=" in gold or pred.count("=") != 1:
+        return pred
+    m = _ASSIGNMENT.fullmatch(pred)
+    return m.group(1).strip() if m else pred
+
+
+class _DropTimeoutDisabledWarning(logging.Filter):
+    """math-verify warns once that its timeouts are off; we disable them on purpose off the main
+    thread, where the process-level limit of ``GradingPool`` is the real guard."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not record.getMessage().startswith("Timeout is disabled")
+
+
+@lru_cache(maxsize=1)
+def _math_verify() -> Any:
+    """Import math-verify lazily: it pulls in sympy (~1 s), which pure-extraction users don't need."""
+    import math_verify
+
+    for name in ("math_verify.parser", "math_verify.grader"):
+        logging.getLogger(name).addFilter(_DropTimeoutDisabledWarning())
+    return math_verify
+
+
+def _parse(answer: str, timeout: int | None) -> list[Any]:
+    """Parse an extracted answer with math-verify's LaTeX and plain-expression extractors."""
+    mv = _math_verify()
+    config = [mv.LatexExtractionConfig(), mv.ExprExtractionConfig()]
+    body = re.sub(r"(?<!\\)\$", "", answer).strip()
+    parsed: list[Any] = []
+    # "$...$" parses a few forms that "\boxed{...}" does not (e.g. "10\%", "3.") and vice versa
+    # for others, so try the second wrapper only when the first gives no sympy object.
+    for wrapped in (f"${body}$", f"\\boxed{{{body}}}"):
+        parsed = mv.parse(wrapped, extraction_config=config, parsing_timeout=timeout)
+        if any(not isinstance(p, str) for p in parsed):
+            break
+    return parsed
+
+
+def math_equal(gold: str, pred: str | None, timeout_s: float | None = 5) -> bool:
+    """Whether the extracted answer ``pred`` is mathematically equivalent to ``gold``.
+
+    ``timeout_s`` is math-verify's own per-step limit (whole seconds, signal based); it only applies
+    on the main thread and cannot interrupt C-level work such as huge integer powers, so callers
+    that need a hard limit should go through ``GradingPool``.
+    """
+    if pred is None or not pred.strip():
+        return False
+    pred = strip_assignment(gold, pred)
+    if fast_equal(gold, pred):
+        return True
+    on_main = threading.current_thread() is threading.main_thread()
+    timeout = max(1, int(timeout_s)) if (timeout_s and on_main) else None
+    gold_parsed = _parse(gold, timeout)
+    pred_parsed = _parse(pred, timeout)
+    if not gold_parsed or not pred_parsed:
+        return False
+    # Argument order matters: math-verify treats the first argument as the reference.
+    return bool(_math_verify().verify(gold_parsed, pred_parsed, timeout_seconds=timeout))

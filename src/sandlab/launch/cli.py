@@ -1,0 +1,89 @@
+"""Hydra entry points. ``sandlab --config-name <recipe>`` runs a whole recipe; the thin scripts in
+data_gen/, train/ and eval/ run their own stages of the same recipe in the same run directory.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import sys
+from pathlib import Path
+from typing import Callable, Sequence
+
+from sandlab.errors import SandlabError
+from sandlab.runs import repo_root
+
+log = logging.getLogger("sandlab")
+
+
+def recipes_dir() -> str:
+    return os.environ.get("SANDLAB_RECIPES_DIR", str(repo_root() / "recipes"))
+
+
+def make_main(stages: Sequence[str] | None = None, default_recipe: str = "demo") -> Callable[[], None]:
+    """Build a Hydra app running ``stages`` (None: all the recipe's stages)."""
+    import hydra  # noqa: PLC0415
+    from hydra.core.hydra_config import HydraConfig  # noqa: PLC0415
+    from omegaconf import DictConfig  # noqa: PLC0415
+
+    @hydra.main(config_path=recipes_dir(), config_name=default_recipe, version_base="1.3")
+    def app(cfg: DictConfig) -> None:
+        from sandlab.launch.pipeline import Pipeline  # noqa: PLC0415
+
+        run_dir = HydraConfig.get().runtime.output_dir
+        try:
+            Pipeline(cfg, run_dir).run_stages(list(stages) if stages else None)
+        except SandlabError as exc:
+            log.error("%s", exc)
+            print(f"error: {exc}", file=sys.stderr)
+            sys.exit(2)
+        except KeyboardInterrupt:
+            print(f"interrupted; rerun with run.dir={run_dir} to resume", file=sys.stderr)
+            sys.exit(130)
+
+    return app
+
+
+def precheck_overrides(argv: list[str], default_recipe: str) -> None:
+    """Compose the recipe once before Hydra does, so a bad override or recipe name is one line.
+
+    Hydra would report the same problem over several lines; flags other than the config name/dir
+    (multirun, --cfg, ...) are left to Hydra itself.
+    """
+    from hydra import compose, initialize_config_dir  # noqa: PLC0415
+
+    config_name, config_dir, overrides, i = default_recipe, recipes_dir(), [], 0
+    while i < len(argv):
+        arg = argv[i]
+        if arg in ("--config-name", "-cn", "--config-dir", "-cd") and i + 1 < len(argv):
+            if arg in ("--config-name", "-cn"):
+                config_name = argv[i + 1]
+            else:
+                config_dir = str(Path(argv[i + 1]).resolve())
+            i += 2
+            continue
+        if arg.startswith("-") or arg.startswith("hydra."):
+            return
+        overrides.append(arg)
+        i += 1
+    try:
+        with initialize_config_dir(config_dir=config_dir, version_base="1.3"):
+            compose(config_name=config_name, overrides=overrides)
+    except Exception as exc:  # noqa: BLE001 (any composition error is the user's to fix)
+        lines = [ln.strip() for ln in str(exc).splitlines() if ln.strip()]
+        lines = [ln for ln in lines if not ln.startswith(("Config search path", "provider=", "In config", "Set the environment"))]
+        print(f"error: {' '.join(lines)[:500]}", file=sys.stderr)
+        sys.exit(2)
+
+
+def run(stages: Sequence[str] | None = None, default_recipe: str = "demo") -> None:
+    precheck_overrides(sys.argv[1:], default_recipe)
+    make_main(stages, default_recipe)()
+
+
+def main() -> None:
+    run()
+
+
+if __name__ == "__main__":
+    main()

