@@ -6,6 +6,10 @@ import os
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+os.environ.setdefault("WANDB_MODE", "offline")
+_SHARED_BENCHMARKS = os.path.join(os.path.dirname(__file__), "..", "..", "shared", "benchmarks")
+if os.path.isdir(_SHARED_BENCHMARKS):
+    os.environ.setdefault("SANDLAB_BENCHMARK_DIR", os.path.abspath(_SHARED_BENCHMARKS))
 
 import collections  # noqa: E402
 import signal  # noqa: E402

@@ -68,6 +68,8 @@ class GenerationStage:
     prompt: str = "data_gen/prompts/math_problem.txt"
     # Text the assistant turn starts with (prefill); helps small teachers follow the tag format.
     response_prefix: str = ""
+    # False: the teacher writes only the problem (<Q>...</Q>); answers come from the solve stage alone.
+    reference_solution: bool = True
     sampling: SamplingSettings = field(default_factory=SamplingSettings)
 
 

@@ -35,14 +35,18 @@ def build_requests(cfg: GenerationStage, root: Path, seed: int) -> list[Record]:
     return requests
 
 
-def parse_problem(text: str) -> tuple[dict[str, str] | None, str | None]:
+def parse_problem(text: str, *, reference_solution: bool = True) -> tuple[dict[str, str] | None, str | None]:
     """Return (fields, None) or (None, drop_reason) for one teacher output."""
     final = strip_reasoning(text)
     if not final.strip():
         return None, "empty_output"
+    if not reference_solution:  # generation stopped at </Q>, which the backend strips
+        final = final if "</Q>" in final else final + "</Q>"
     question = QUESTION_RE.search(final)
     if not question or not question.group(1).strip():
         return None, "missing_problem_tag"
+    if not reference_solution:
+        return {"problem": question.group(1).strip()}, None
     solution = SOLUTION_RE.search(final, question.end())
     if not solution or not solution.group(1).strip():
         return None, "missing_solution_tag"
@@ -71,7 +75,7 @@ def generate_problems(backend: ChatBackend, requests: list[Record], cfg: Generat
         if completion.truncated:
             dropped.append({**base, "reason": "truncated", **usage})
             continue
-        fields, reason = parse_problem(cfg.response_prefix + completion.text)
+        fields, reason = parse_problem(cfg.response_prefix + completion.text, reference_solution=cfg.reference_solution)
         if fields is None:
             dropped.append({**base, "reason": reason, "raw": completion.text[:2000], **usage})
             continue

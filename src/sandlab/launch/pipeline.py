@@ -70,10 +70,11 @@ class Pipeline:
     def _finish_data_stage(self, stage: str, n_in: int, kept: list[Record], dropped: list[Record], hint: str) -> None:
         row = funnel_row(stage, n_in, kept, dropped)
         log.info("%s: %d in, %d kept, %d dropped %s", stage, n_in, len(kept), len(dropped), row["reasons"])
+        # Dropped records are written even when the stage fails: they say why everything was dropped.
+        write_jsonl(self.data_dir / f"{stage}.dropped.jsonl", dropped)
         if not kept:
             reasons = ", ".join(f"{k}: {v}" for k, v in row["reasons"].items()) or "none"
             raise EmptyDatasetError(f"stage '{stage}' kept 0 of {n_in} records (drop reasons: {reasons}); {hint}")
-        write_jsonl(self.data_dir / f"{stage}.dropped.jsonl", dropped)
         write_jsonl(self.data_dir / f"{stage}.jsonl", kept)
         self.run.mark_done(stage, row)
 
