@@ -133,3 +133,19 @@ def test_export_keeps_trace_and_appends_missing_answer():
     assert kept[0]["completion"][0]["content"] == recs[0]["solution"]
     assert kept[1]["completion"][0]["content"].endswith("\\boxed{7}.")
     assert kept[0]["prompt"][-1] == {"role": "user", "content": "P1"}
+
+
+@pytest.mark.parametrize("answer, numeric", [("42", True), ("-3.5", True), ("\\frac{3}{4}", True), ("2\\sqrt{3}", True), ("30^\\circ", True),
+                                             ("x+1", False), ("16 + 2*18 = 16 + 2Q", False), ("7 + 2i", False), ("", False)])
+def test_numeric_answer_rule(answer, numeric):
+    from sandlab.data_gen.agreement import is_numeric_answer
+
+    assert is_numeric_answer(answer) is numeric
+
+
+def test_agreement_drops_non_numeric_majority(pool):
+    rec = _solved("e", ["x+1", "x + 1", "x+1"], reference=None) | {"reference_answer": None}
+    kept, dropped = filter_by_agreement([rec], AgreementStage(min_agreement=1.0, min_votes=2), pool, include_reference=True)
+    assert not kept and dropped[0]["reason"] == "non_numeric_answer"
+    kept, _ = filter_by_agreement([rec], AgreementStage(min_agreement=1.0, min_votes=2, require_numeric=False), pool, include_reference=True)
+    assert len(kept) == 1

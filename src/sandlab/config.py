@@ -86,6 +86,8 @@ class AgreementStage:
     # Fraction of votes the majority answer needs; 1.0 = unanimity (the SAND setting).
     min_agreement: float = 1.0
     min_votes: int = 2
+    # SAND problems have a single numerical answer: drop items whose agreed answer is not a number.
+    require_numeric: bool = True
 
 
 @dataclass

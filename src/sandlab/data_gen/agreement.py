@@ -2,9 +2,19 @@
 
 from __future__ import annotations
 
+import re
+
 from sandlab.config import AgreementStage
 from sandlab.grading import GradeItem, GradingPool
 from sandlab.records import Record
+
+
+# Numbers written plainly or in LaTeX: 42, -3.5, 1,000, \frac{3}{4}, 2\sqrt{3}, 5\pi/6, 2^{10}, 30^\circ.
+_NUMERIC = re.compile(r"^(?:[\d\s.,+\-*/^(){}√]|\\d?frac|\\sqrt|\\pi|\\cdot|\\times|\\left|\\right|\^\\circ|\\%|%)+$")
+
+
+def is_numeric_answer(answer: str) -> bool:
+    return bool(re.search(r"\d", answer)) and bool(_NUMERIC.match(answer.strip()))
 
 
 def cluster_answers(answers: list[str], pool: GradingPool) -> list[list[int]]:
@@ -40,7 +50,11 @@ def filter_by_agreement(records: list[Record], cfg: AgreementStage, pool: Gradin
         if len(best) < cfg.min_votes or share < cfg.min_agreement:
             dropped.append({**rec, **stats, "reason": "disagreement"})
             continue
+        answer = votes[best[0]][0]
+        if cfg.require_numeric and not is_numeric_answer(answer):
+            dropped.append({**rec, **stats, "answer": answer, "reason": "non_numeric_answer"})
+            continue
         solution_ids = [votes[j][1] for j in best if votes[j][1] >= 0]
         chosen = rec["solutions"][solution_ids[0]]["text"] if solution_ids else rec["reference_solution"]
-        kept.append({**rec, **stats, "answer": votes[best[0]][0], "solution": chosen})
+        kept.append({**rec, **stats, "answer": answer, "solution": chosen})
     return kept, dropped
