@@ -71,7 +71,7 @@ def _atomic_build(dest: Path, build) -> Path:
 
 
 def prepare_smollm2(dest: Path | None = None) -> Path:
-    """Convert the embedded SmolLM2 GGUF into a bf16-free float32 HF checkpoint (once)."""
+    """Convert the embedded SmolLM2 GGUF (Q4_1) into a dequantized float32 HF checkpoint (once)."""
     dest = dest or cache_dir() / "models" / SMOLLM2
 
     def build(tmp: Path) -> None:

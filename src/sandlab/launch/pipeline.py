@@ -222,7 +222,7 @@ class Pipeline:
         self.preflight(selected)
         self.run.write_metadata(self.raw_cfg)
         if self.cfg.wandb.mode != "disabled":
-            init_wandb(self.cfg.wandb, name=os.path.basename(self.run.path), run_dir=str(self.run.path),
+            init_wandb(self.cfg.wandb, name=f"{self.cfg.recipe}-{self.run.path.name}", run_dir=str(self.run.path),
                        config=OmegaConf.to_container(self.raw_cfg, resolve=True))
         try:
             for stage in selected:
