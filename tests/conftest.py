@@ -10,6 +10,9 @@ os.environ.setdefault("WANDB_MODE", "offline")
 _SHARED_BENCHMARKS = os.path.join(os.path.dirname(__file__), "..", "..", "shared", "benchmarks")
 if os.path.isdir(_SHARED_BENCHMARKS):
     os.environ.setdefault("SANDLAB_BENCHMARK_DIR", os.path.abspath(_SHARED_BENCHMARKS))
+elif os.environ.get("CI") and not os.environ.get("SANDLAB_BENCHMARK_DIR"):
+    # In CI the benchmark-dependent tests must run, not skip.
+    raise RuntimeError(f"CI needs the offline benchmarks at {os.path.abspath(_SHARED_BENCHMARKS)} or SANDLAB_BENCHMARK_DIR")
 
 import collections  # noqa: E402
 import signal  # noqa: E402

@@ -5,6 +5,7 @@ from __future__ import annotations
 import concurrent.futures
 import json
 import os
+import shutil
 import subprocess
 import sys
 import threading
@@ -365,3 +366,13 @@ def test_worker_dying_mid_item_counts_error_and_recovers():
         assert results == [GradeResult("9^{9^{9^{9}}}", False, "error")]
         assert time.monotonic() - start < 5
         assert p.grade_many(MIXED) == MIXED_EXPECTED
+
+
+def test_installed_sand_grade_console_script():
+    exe = shutil.which("sand-grade", path=os.pathsep.join([str(Path(sys.executable).parent), os.environ.get("PATH", "")]))
+    if exe is None:
+        pytest.skip("sandlab is not pip-installed (make install puts sand-grade on PATH)")
+    proc = subprocess.run([exe], input=json.dumps({"response": r"\boxed{x=5}", "gold": "5"}) + "\n",
+                          capture_output=True, text=True, timeout=60)
+    assert proc.returncode == 0, proc.stderr
+    assert json.loads(proc.stdout)["correct"] is True

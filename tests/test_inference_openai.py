@@ -265,3 +265,27 @@ def test_api_key_never_leaks(monkeypatch, caplog):
     with pytest.raises(BackendUnavailableError) as info:
         down.check_health()
     assert SECRET not in str(info.value) and SECRET not in repr(info.value)
+
+
+def test_server_down_after_health_check_retries_then_records_failed_items():
+    """Connection errors mid-run are retried with backoff, then become error items; the run goes on."""
+    stub = StubServer().__enter__()
+    backend = OpenAICompatibleBackend("stub", [stub.url], **_fast({"max_retries": 2, "retry_backoff_s": 0.05}))
+    assert backend.check_health() == [stub.url]
+    backend.generate(CONVS[:1], SamplingConfig(max_tokens=3))  # warm: the health check has passed
+    stub.__exit__()  # the server goes away
+    start = time.monotonic()
+    out = backend.generate(CONVS[:2], SamplingConfig(n=2, max_tokens=3))
+    elapsed = time.monotonic() - start
+    assert [len(r) for r in out] == [2, 2]
+    assert all(c.finish_reason == "error" and "Connect" in (c.error or "") for r in out for c in r)
+    assert 0.05 <= elapsed < 10  # backed off at least once, never hung
+
+
+def test_reasoning_parser_output_is_rejoined_in_think_tags():
+    body = _completion_body()
+    body["choices"][0]["message"] = {"role": "assistant", "content": "The answer is \\boxed{4}.", "reasoning_content": "2+2=4"}
+    with StubServer(default=(200, {}, body)) as stub:
+        backend = OpenAICompatibleBackend("stub", [stub.url], **_fast())
+        (completion,), = backend.generate(CONVS[:1], SamplingConfig(max_tokens=3))
+    assert completion.text == "<think>\n2+2=4\n</think>\n\nThe answer is \\boxed{4}."

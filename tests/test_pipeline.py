@@ -3,15 +3,18 @@ resume behaviour, and the one-line errors for bad input."""
 
 import json
 import os
+import re
 import socket
 import subprocess
 import sys
+import threading
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
 import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
-SHARED_BENCHMARKS = ROOT.parent / "shared" / "benchmarks"
+SHARED_BENCHMARKS = Path(os.environ.get("SANDLAB_BENCHMARK_DIR") or ROOT.parent / "shared" / "benchmarks")
 
 
 def run_sandlab(*overrides, entry=("-m", "sandlab.launch.cli"), timeout=900, env_extra=None):
@@ -35,6 +38,91 @@ def sft_file(tmp_path_factory):
         })
     path.write_text("".join(json.dumps(r) + "\n" for r in rows))
     return path
+
+
+PROBLEM_TEMPLATES = [
+    "Tom has {a} apples and buys {b} more. How many apples does he have now?",
+    "A train travels {a} km in the morning and {b} km in the afternoon. How far does it travel in total?",
+    "What is the sum of {a} and {b}?",
+    "A rectangle garden has {a} rose bushes in one row and {b} tulip bushes in another. How many plants are there?",
+]
+
+
+class ScriptedTeacher:
+    """A real OpenAI-compatible HTTP server that writes problems and solves them like a capable teacher
+    (a model that can do this does not fit on a CPU test runner). Problems of template 3 get
+    disagreeing answers, so the agreement filter has something to drop."""
+
+    def __init__(self):
+        teacher = self
+        self.requests = 0
+
+        class Handler(BaseHTTPRequestHandler):
+            def log_message(self, *args):
+                pass
+
+            def _send(self, body):
+                data = json.dumps(body).encode()
+                self.send_response(200)
+                self.send_header("Content-Type", "application/json")
+                self.send_header("Content-Length", str(len(data)))
+                self.end_headers()
+                self.wfile.write(data)
+
+            def do_GET(self):  # noqa: N802
+                self._send({"object": "list", "data": [{"id": "teacher", "object": "model"}]})
+
+            def do_POST(self):  # noqa: N802
+                body = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
+                teacher.requests += 1
+                prompt = body["messages"][0]["content"]
+                seed, n = body.get("seed") or 0, body.get("n", 1)
+                if "Write only the problem" in prompt:  # generation, continuing the "<Q>" prefill
+                    a, b = seed % 40 + 2, (7 * seed) % 30 + 1
+                    texts = [PROBLEM_TEMPLATES[seed % len(PROBLEM_TEMPLATES)].format(a=a, b=b)]
+                else:  # solving: add the two numbers of the problem
+                    a, b = map(int, re.findall(r"\d+", prompt)[:2])
+                    disagree = prompt.startswith("A rectangle")
+                    texts = [f"We add {a} and {b}.\nFinal answer: {a + b + (i if disagree else 0)}" for i in range(n)]
+                choices = [{"index": i, "message": {"role": "assistant", "content": t}, "finish_reason": "stop"} for i, t in enumerate(texts)]
+                self._send({"id": "x", "object": "chat.completion", "choices": choices, "usage": {"prompt_tokens": 20, "completion_tokens": 10 * len(texts)}})
+
+        self.server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.url = f"http://127.0.0.1:{self.server.server_address[1]}/v1"
+        threading.Thread(target=self.server.serve_forever, daemon=True).start()
+
+    def close(self):
+        self.server.shutdown()
+        self.server.server_close()
+
+
+@pytest.mark.skipif(not SHARED_BENCHMARKS.exists(), reason="needs ../shared/benchmarks")
+def test_whole_recipe_with_a_teacher_server(tmp_path):
+    """generate -> solve -> filter -> dedup -> export -> train -> eval -> report through the real
+    OpenAI client, grader, embeddings, TRL and vLLM."""
+    teacher = ScriptedTeacher()
+    run_dir = tmp_path / "run"
+    try:
+        result = run_sandlab("teacher=openai_servers", f"teacher.base_urls=[{teacher.url}]", "teacher.model=teacher",
+                             "data.generate.num_problems=12", "eval.models=[tuned]", f"run.dir={run_dir}")
+    finally:
+        teacher.close()
+    assert result.returncode == 0, result.stderr[-3000:]
+    funnel = {r["stage"]: r for r in (json.loads((run_dir / "stages" / f"{s}.done").read_text()) for s in ("generate", "solve", "filter", "dedup", "export"))}
+    assert funnel["generate"]["in"] == 12 and funnel["generate"]["out"] == 12
+    assert funnel["filter"]["out"] == 9 and funnel["filter"]["reasons"] == {"disagreement": 3}
+    assert funnel["dedup"]["out"] <= 9
+    sft = [json.loads(line) for line in (run_dir / "sft/train.jsonl").read_text().splitlines()]
+    assert len(sft) == funnel["export"]["out"] > 0
+    for row in sft:
+        numbers = list(map(int, re.findall(r"\d+", row["prompt"][-1]["content"])[:2]))
+        assert row["answer"] == str(sum(numbers)) and row["completion"][0]["content"].endswith(f"\\boxed{{{sum(numbers)}}}.")
+    assert len({r["id"] for r in sft}) == len(sft)
+    dropped = [json.loads(line) for line in (run_dir / "data/filter.dropped.jsonl").read_text().splitlines()]
+    assert {d["reason"] for d in dropped} == {"disagreement"}
+    assert (run_dir / "funnel.png").stat().st_size > 1000
+    assert "| filter | 12 | 9 | 3 | disagreement: 3 |" in (run_dir / "report.md").read_text()
+    assert len((run_dir / "eval/tuned/math500/samples.jsonl").read_text().splitlines()) == 2
 
 
 def free_port():
@@ -88,6 +176,8 @@ def test_empty_after_filtering_is_one_line_and_not_marked_done(tmp_path):
         (["model.path=someorg/not-downloaded", "stages=[train]"], "is not in the local Hugging Face cache"),
         (["data=from_file", "data.dataset_path=/nonexistent.jsonl", "stages=[train]"], "data.dataset_path='/nonexistent.jsonl' does not exist"),
         (["train.learning_rate=fast"], "error: invalid recipe value at train.learning_rate"),
+        (["data.generate.prompt=data_gen/prompts/nope.txt", "stages=[generate]"], "prompt file"),
+        (["eval.benchmarks=[aime99]", "stages=[eval]", "eval.models=[base]"], "unknown benchmark 'aime99'"),
         (["train.num_processes=3"], "global_batch_size"),
     ],
 )
@@ -109,5 +199,14 @@ def test_unreachable_teacher_fails_fast(tmp_path):
 
 def test_unknown_override_key_is_rejected(tmp_path):
     result = run_sandlab("train.learning_rat=1e-5", f"run.dir={tmp_path}", timeout=120)
-    assert result.returncode != 0
-    assert "learning_rat" in result.stderr
+    assert result.returncode == 2
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error: Could not override 'train.learning_rat'")
+
+
+def test_bad_trainer_argument_is_one_line(tmp_path, sft_file):
+    result = run_sandlab("data=from_file", f"data.dataset_path={sft_file}", "stages=[train]", "+train.extra_args.not_a_field=1",
+                         f"run.dir={tmp_path / 'run'}", timeout=300)
+    assert result.returncode == 2
+    assert result.stderr.strip().splitlines()[-1].startswith("error: invalid training settings for trl.SFTConfig")
+    assert not (tmp_path / "run/stages/train.done").exists()

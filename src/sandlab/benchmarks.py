@@ -10,6 +10,7 @@ from __future__ import annotations
 import gzip
 import json
 import os
+import random
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -48,8 +49,12 @@ def _read_local(path: Path) -> list[dict[str, Any]]:
 def _from_hub_row(spec: BenchmarkSpec, row: dict[str, Any], index: int) -> dict[str, Any]:
     """Normalize the public Hub schemas to ours (the local copies already use ours)."""
     if spec.kind == "mcq":  # Idavidrein/gpqa: the correct answer and three distractors in named columns
+        record_id = str(row.get("Record ID") or f"{spec.name}-{index}")
         options = [row["Correct Answer"], row["Incorrect Answer 1"], row["Incorrect Answer 2"], row["Incorrect Answer 3"]]
-        return {"id": row.get("Record ID", f"{spec.name}-{index}"), "question": row["Question"], "options": options, "answer": 0}
+        # A fixed per-question shuffle, so the correct option is not always A.
+        order = list(range(4))
+        random.Random(record_id).shuffle(order)
+        return {"id": record_id, "question": row["Question"], "options": [options[i] for i in order], "answer": order.index(0)}
     return {
         "id": str(row.get("unique_id") or row.get("id") or f"{spec.name}-{index}"),
         "problem": row.get("problem") or row.get("question"),

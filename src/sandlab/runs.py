@@ -54,6 +54,15 @@ def package_versions() -> dict[str, str]:
     return versions
 
 
+def redact_argv(argv: list[str]) -> list[str]:
+    """Hide the values of ``key=value`` arguments whose key looks secret."""
+    out = []
+    for arg in argv:
+        key, sep, _ = arg.partition("=")
+        out.append(f"{key}=***" if sep and SECRET_KEY_RE.search(key.split(".")[-1].lstrip("+~")) else arg)
+    return out
+
+
 def redact(obj: Any) -> Any:
     """Replace the values of secret-looking keys, recursively."""
     if isinstance(obj, dict):
@@ -83,7 +92,7 @@ class RunDir:
             self.path / "run_info.json",
             {
                 "git_sha": git_sha(),
-                "argv": argv if argv is not None else sys.argv,
+                "argv": redact_argv(argv if argv is not None else sys.argv),
                 "started_at": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
                 "host": socket.gethostname(),
                 "python": platform.python_version(),

@@ -33,8 +33,10 @@ def cluster_answers(answers: list[str], pool: GradingPool) -> list[list[int]]:
 
 
 def filter_by_agreement(records: list[Record], cfg: AgreementStage, pool: GradingPool, *, include_reference: bool) -> tuple[list[Record], list[Record]]:
+    from tqdm.auto import tqdm  # noqa: PLC0415
+
     kept, dropped = [], []
-    for rec in records:
+    for rec in tqdm(records, desc="answer agreement", unit="problem", dynamic_ncols=True):
         # votes: (answer, index into solutions or -1 for the reference)
         votes = [(s["answer"], i) for i, s in enumerate(rec["solutions"]) if s["answer"]]
         if include_reference and rec.get("reference_answer"):

@@ -8,6 +8,7 @@ from pathlib import Path
 
 from sandlab.config import GenerationStage
 from sandlab.data_gen.taxonomy import Taxonomy
+from sandlab.data_gen.prompts import load_prompt
 from sandlab.grading import extract_math_answer, strip_reasoning
 from sandlab.inference.base import ChatBackend, SamplingConfig
 from sandlab.records import Record, stable_id
@@ -19,7 +20,7 @@ SOLUTION_RE = re.compile(r"<S>(.*?)(?:</S>|$)", re.S)
 def build_requests(cfg: GenerationStage, root: Path, seed: int) -> list[Record]:
     """One request per problem; ids depend on (domain, seed, index) so reruns regenerate the same ids."""
     taxonomy = Taxonomy.load(root / cfg.taxonomy)
-    template = (root / cfg.prompt).read_text()
+    template = load_prompt(root / cfg.prompt, "data.generate.prompt", primary="", topic="", secondary="")
     rng = random.Random(seed)
     requests = []
     for index in range(cfg.num_problems):

@@ -5,13 +5,14 @@ from __future__ import annotations
 from pathlib import Path
 
 from sandlab.config import SolveStage
+from sandlab.data_gen.prompts import load_prompt
 from sandlab.grading import extract_math_answer
 from sandlab.inference.base import ChatBackend, SamplingConfig
 from sandlab.records import Record
 
 
 def solve_problems(backend: ChatBackend, problems: list[Record], cfg: SolveStage, root: Path) -> list[Record]:
-    template = (root / cfg.prompt).read_text()
+    template = load_prompt(root / cfg.prompt, "data.solve.prompt", problem="")
     conversations = [[{"role": "user", "content": template.format(problem=p["problem"])}] for p in problems]
     sampling = SamplingConfig(**{**vars(cfg.sampling), "n": cfg.k})
     outputs = backend.generate(conversations, sampling, desc=f"solve x{cfg.k}")

@@ -57,7 +57,7 @@ def evaluate_benchmark(backend: ChatBackend, pool: GradingPool, benchmark: str, 
     conversations = [render_prompt(item, cfg.system_prompt) for item in items]
     outputs = backend.generate(conversations, SamplingConfig(**vars(settings)), desc=f"eval {benchmark}")
     flat = [(item, conv, k, c) for item, conv, comps in zip(items, conversations, outputs) for k, c in enumerate(comps)]
-    grades = pool.grade_many([GradeItem(response=c.text if c.ok else "", gold=gold_of(item), kind=item["kind"]) for item, _, _, c in flat])
+    grades = pool.grade_many([GradeItem(response=c.text if c.ok else "", gold=gold_of(item), kind=item["kind"]) for item, _, _, c in flat], desc=f"grade {benchmark}")
     samples = [
         {
             "item_id": item["id"], "sample": k, "benchmark": benchmark, "prompt": conv, "output": c.text,

@@ -227,9 +227,23 @@ class GradingPool:
 
     # -- grading -----------------------------------------------------------------------------
 
-    def grade_many(self, items: list[GradeItem]) -> list[GradeResult]:
-        """Grade ``items`` concurrently over the workers; results are in input order."""
-        return self._grade(items, self.timeout_s)
+    def grade_many(self, items: list[GradeItem], *, desc: str | None = None) -> list[GradeResult]:
+        """Grade ``items`` concurrently over the workers; results are in input order.
+
+        With ``desc``, a progress bar advances per chunk of items (chunks keep every worker busy).
+        """
+        if desc is None:
+            return self._grade(items, self.timeout_s)
+        from tqdm.auto import tqdm  # noqa: PLC0415
+
+        chunk = 64 * self.num_workers
+        results: list[GradeResult] = []
+        with tqdm(total=len(items), desc=desc, unit="item", dynamic_ncols=True) as bar:
+            for start in range(0, len(items), chunk):
+                part = items[start : start + chunk]
+                results += self._grade(part, self.timeout_s)
+                bar.update(len(part))
+        return results
 
     def _grade(self, items: list[GradeItem], timeout_s: float) -> list[GradeResult]:
         results: list[GradeResult | None] = [None] * len(items)

@@ -390,8 +390,13 @@ class OpenAICompatibleBackend(ChatBackend):
 
 
 def _message_text(choice: dict) -> str:
+    """The reply text; a trace split off by a server-side reasoning parser goes back in ``<think>`` tags,
+    so the full reasoning reaches the data stages and graders like an in-process engine's output."""
     message = choice.get("message") or {}
     content = message.get("content")
     if isinstance(content, list):  # content parts
-        return "".join(p.get("text", "") for p in content if isinstance(p, dict))
+        content = "".join(p.get("text", "") for p in content if isinstance(p, dict))
+    reasoning = message.get("reasoning_content") or message.get("reasoning")
+    if isinstance(reasoning, str) and reasoning:
+        return f"<think>\n{reasoning}\n</think>\n\n{content or ''}"
     return content or ""

@@ -19,13 +19,17 @@ from typing import Any
 from omegaconf import DictConfig, OmegaConf
 
 from sandlab.config import RecipeConfig, validate_recipe
-from sandlab.errors import EmptyDatasetError
+from sandlab.errors import ConfigError, EmptyDatasetError, SandlabError
 from sandlab.records import Record, read_jsonl, write_json, write_jsonl
 from sandlab.reporting import funnel_row, plot_funnel, print_results, write_results
 from sandlab.runs import RunDir, repo_root
 
 log = logging.getLogger("sandlab")
 DATA_STAGES = ("generate", "solve", "filter", "dedup", "export")
+
+
+def is_main_process() -> bool:
+    return int(os.environ.get("RANK", "0")) == 0
 
 
 class Pipeline:
@@ -117,8 +121,16 @@ class Pipeline:
 
         records = self._records("dedup")
         kept, dropped = export_sft(records, self.cfg.data.export)
+        if kept:  # the dataset lands before the stage is marked done
+            write_jsonl(self.run.sub("sft") / "train.jsonl", kept)
         self._finish_data_stage("export", len(records), kept, dropped, "lower data.export.min_words")
-        write_jsonl(self.run.sub("sft") / "train.jsonl", kept)
+
+    def _path(self, value: str | None) -> str | None:
+        """Recipe paths are relative to the repository root."""
+        if not value:
+            return None
+        path = Path(value).expanduser()
+        return str(path if path.is_absolute() else self.root / path)
 
     def sft_dataset(self) -> str:
         return self.cfg.data.dataset_path or str(self.run.path / "sft" / "train.jsonl")
@@ -141,7 +153,10 @@ class Pipeline:
             from sandlab.train.sft import run_sft  # noqa: PLC0415
 
             run_sft(model_path, dataset, t, output_dir=str(self.tuned_dir()), run_name=f"{self.cfg.recipe}-sft",
-                    seed=self.cfg.run.seed, report_to=["wandb"] if self.cfg.wandb.mode != "disabled" else [])
+                    seed=self.cfg.run.seed, report_to=["wandb"] if self.cfg.wandb.mode != "disabled" else [],
+                    chat_template_path=self._path(self.cfg.model.chat_template))
+        if not is_main_process():
+            return
         self.run.mark_done("train", {"model": model_path, "dataset": dataset, "output": str(self.tuned_dir())})
 
     def _launch_distributed_training(self) -> None:
@@ -153,7 +168,9 @@ class Pipeline:
             "--config-dir", str(self.run.path), "--config-name", "config", f"run.dir={self.run.path}", f"hydra.run.dir={self.run.path}",
         ]
         log.info("launching: %s", " ".join(cmd))
-        subprocess.run(cmd, check=True)
+        result = subprocess.run(cmd, check=False)
+        if result.returncode != 0:
+            raise SandlabError(f"distributed training exited with code {result.returncode}; see the log above, then rerun with run.dir={self.run.path} to resume")
 
     def stage_eval(self) -> None:
         from sandlab.eval.harness import evaluate_benchmark  # noqa: PLC0415
@@ -163,7 +180,9 @@ class Pipeline:
         results = {}
         for name in self.cfg.eval.models:
             model = {"base": self.cfg.model.path, "tuned": str(self.tuned_dir())}.get(name, name)
-            backend_cfg = dataclasses.replace(self.cfg.eval.backend, model=model)
+            # The base model is rendered with the recipe's template; a tuned checkpoint carries its own.
+            template = self._path(self.cfg.model.chat_template) if name == "base" else None
+            backend_cfg = dataclasses.replace(self.cfg.eval.backend, model=model, chat_template=template or self.cfg.eval.backend.chat_template)
             out = self.run.sub("eval", name.replace("/", "__"))
             with build_backend(backend_cfg) as backend:
                 results[name] = {b: evaluate_benchmark(backend, self.pool, b, self.cfg.eval, out / b) for b in self.cfg.eval.benchmarks}
@@ -210,6 +229,14 @@ class Pipeline:
             path = self.cfg.data.dataset_path
             if not Path(path).exists() and (path.startswith((".", "/", "~")) or path.count("/") != 1):
                 raise EmptyDatasetError(f"data.dataset_path={path!r} does not exist; give a JSONL file/dir or a Hub dataset id")
+        template = self._path(self.cfg.model.chat_template)
+        if template and not Path(template).is_file():
+            raise ConfigError(f"model.chat_template={self.cfg.model.chat_template!r} is not a file")
+        if "eval" in selected:
+            from sandlab.benchmarks import load_benchmark  # noqa: PLC0415
+
+            for name in self.cfg.eval.benchmarks:
+                load_benchmark(name, limit=1)
         if "eval" in selected and "tuned" in self.cfg.eval.models and "train" not in selected and not self.tuned_dir().exists():
             raise EmptyDatasetError(f"eval.models has 'tuned' but {self.tuned_dir()} does not exist; train first or set run.dir to a trained run")
 
@@ -220,8 +247,10 @@ class Pipeline:
         if self.cfg.data.dataset_path:
             selected = [s for s in selected if s not in DATA_STAGES]
         self.preflight(selected)
-        self.run.write_metadata(self.raw_cfg)
-        if self.cfg.wandb.mode != "disabled":
+        main = is_main_process()  # under `accelerate launch`, only rank 0 records the run
+        if main:
+            self.run.write_metadata(self.raw_cfg)
+        if main and self.cfg.wandb.mode != "disabled":
             init_wandb(self.cfg.wandb, name=f"{self.cfg.recipe}-{self.run.path.name}", run_dir=str(self.run.path),
                        config=OmegaConf.to_container(self.raw_cfg, resolve=True))
         try:

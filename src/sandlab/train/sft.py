@@ -27,7 +27,10 @@ def load_sft_dataset(path: str):
             raise ConfigError(f"SFT dataset directory {p} has no *.jsonl files")
         ds = datasets.load_dataset("json", data_files=files, split="train")
     else:
-        ds = datasets.load_dataset(path, split="train")
+        try:
+            ds = datasets.load_dataset(path, split="train")
+        except Exception as exc:  # noqa: BLE001 (offline, missing, private: same advice)
+            raise ConfigError(f"could not load SFT dataset {path!r} ({type(exc).__name__}); give a local JSONL file/dir or a reachable Hub id") from None
     if len(ds) == 0:
         raise EmptyDatasetError(f"SFT dataset {path} is empty; nothing to train on")
     missing = {"prompt", "completion"} - set(ds.column_names)
@@ -63,10 +66,13 @@ def build_sft_config(cfg: TrainConfig, *, output_dir: str, run_name: str, seed: 
         model_init_kwargs={"attn_implementation": cfg.attn_implementation, "dtype": "bfloat16" if cfg.bf16 else "float32"},
     )
     kwargs.update(cfg.extra_args)
-    return SFTConfig(**kwargs)
+    try:
+        return SFTConfig(**kwargs)
+    except (TypeError, ValueError) as exc:
+        raise ConfigError(f"invalid training settings for trl.SFTConfig: {str(exc).splitlines()[0]}") from None
 
 
-def run_sft(model_path: str, dataset_path: str, cfg: TrainConfig, *, output_dir: str, run_name: str, seed: int, report_to: list[str]) -> str:
+def run_sft(model_path: str, dataset_path: str, cfg: TrainConfig, *, output_dir: str, run_name: str, seed: int, report_to: list[str], chat_template_path: str | None = None) -> str:
     """Train and save the final model (weights + tokenizer/chat template) to ``output_dir``."""
     from transformers import AutoTokenizer  # noqa: PLC0415
     from trl import SFTTrainer  # noqa: PLC0415
@@ -74,6 +80,8 @@ def run_sft(model_path: str, dataset_path: str, cfg: TrainConfig, *, output_dir:
     dataset = load_sft_dataset(dataset_path)
     args = build_sft_config(cfg, output_dir=output_dir, run_name=run_name, seed=seed, report_to=report_to)
     tokenizer = AutoTokenizer.from_pretrained(model_path)
+    if chat_template_path:  # the template trained with is saved with the checkpoint, so eval renders alike
+        tokenizer.chat_template = Path(chat_template_path).read_text()
     trainer = SFTTrainer(model=model_path, args=args, train_dataset=dataset, processing_class=tokenizer)
     last = None
     if any(Path(output_dir).glob("checkpoint-*")):
