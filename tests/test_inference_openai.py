@@ -10,8 +10,8 @@ import time
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 import pytest
-
 from conftest import free_port
+
 from sandlab.errors import BackendUnavailableError
 from sandlab.inference.base import SamplingConfig
 from sandlab.inference.openai_client import OpenAICompatibleBackend
@@ -86,7 +86,7 @@ class StubServer:
         self.url = f"http://127.0.0.1:{self.server.server_address[1]}/v1"
         self.thread = threading.Thread(target=self.server.serve_forever, daemon=True)
 
-    def __enter__(self) -> "StubServer":
+    def __enter__(self) -> StubServer:
         self.thread.start()
         return self
 

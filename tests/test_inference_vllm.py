@@ -22,9 +22,9 @@ PREFILLED = [{"role": "user", "content": "What is 2 + 2?"}, {"role": "assistant"
 
 @pytest.fixture(scope="module")
 def engine(tiny_model_path):
-    from sandlab.inference.vllm_engine import VLLMEngineBackend
-
     import vllm.platforms  # noqa: F401 (its import-time env settings are not the engine's to undo)
+
+    from sandlab.inference.vllm_engine import VLLMEngineBackend
 
     env_before = dict(os.environ)
     start = time.monotonic()

@@ -159,6 +159,7 @@ class EvalConfig:
 @dataclass
 class WandbConfig:
     project: str = "sandlab"
+    name: Optional[str] = None  # None: <recipe>-<run dir name>
     entity: Optional[str] = None
     group: Optional[str] = None
     tags: list[str] = field(default_factory=list)

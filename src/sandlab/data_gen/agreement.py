@@ -8,7 +8,6 @@ from sandlab.config import AgreementStage
 from sandlab.grading import GradeItem, GradingPool
 from sandlab.records import Record
 
-
 # Numbers written plainly or in LaTeX: 42, -3.5, 1,000, \frac{3}{4}, 2\sqrt{3}, 5\pi/6, 2^{10}, 30^\circ.
 _NUMERIC = re.compile(r"^(?:[\d\s.,+\-*/^(){}√]|\\d?frac|\\sqrt|\\pi|\\cdot|\\times|\\left|\\right|\^\\circ|\\%|%)+$")
 

@@ -7,8 +7,8 @@ import re
 from pathlib import Path
 
 from sandlab.config import GenerationStage
-from sandlab.data_gen.taxonomy import Taxonomy
 from sandlab.data_gen.prompts import load_prompt
+from sandlab.data_gen.taxonomy import Taxonomy
 from sandlab.grading import extract_math_answer, strip_reasoning
 from sandlab.inference.base import ChatBackend, SamplingConfig
 from sandlab.records import Record, stable_id

@@ -25,7 +25,7 @@ class Taxonomy:
     weights: dict[str, float]
 
     @classmethod
-    def load(cls, path: str | Path) -> "Taxonomy":
+    def load(cls, path: str | Path) -> Taxonomy:
         path = Path(path)
         if not path.exists():
             raise ConfigError(f"taxonomy file {path} does not exist; set data.generate.taxonomy to a YAML under data_gen/taxonomies/")

@@ -8,8 +8,8 @@ Backends never raise for a single failed item: a request that keeps failing come
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
+from collections.abc import Sequence
 from dataclasses import dataclass, field
-from typing import Sequence
 
 Message = dict[str, str]
 Conversation = list[Message]
@@ -71,7 +71,7 @@ class ChatBackend(ABC):
     def close(self) -> None:
         """Release engine/server resources."""
 
-    def __enter__(self) -> "ChatBackend":
+    def __enter__(self) -> ChatBackend:
         return self
 
     def __exit__(self, *exc) -> None:

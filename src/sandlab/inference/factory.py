@@ -3,7 +3,8 @@
 from __future__ import annotations
 
 import logging
-from typing import Any, Mapping
+from collections.abc import Mapping
+from typing import Any
 
 from sandlab.errors import ConfigError
 from sandlab.inference.base import ChatBackend

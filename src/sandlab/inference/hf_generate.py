@@ -3,9 +3,10 @@
 from __future__ import annotations
 
 import logging
+from collections.abc import Sequence
 from dataclasses import replace
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any
 
 from sandlab.errors import BackendUnavailableError
 from sandlab.inference.base import ChatBackend, Completion, Conversation, SamplingConfig

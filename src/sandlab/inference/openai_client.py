@@ -22,8 +22,9 @@ import logging
 import os
 import random
 import time
+from collections.abc import Sequence
 from dataclasses import replace
-from typing import Any, Sequence
+from typing import Any
 
 import httpx
 
@@ -59,10 +60,10 @@ class _Secret:
     def __reduce__(self):  # never pickle the key into a subprocess or a file
         raise TypeError("the API key is not picklable; build the backend in the process that uses it")
 
-    def __copy__(self) -> "_Secret":
+    def __copy__(self) -> _Secret:
         return self
 
-    def __deepcopy__(self, memo: dict) -> "_Secret":
+    def __deepcopy__(self, memo: dict) -> _Secret:
         return self
 
 

@@ -20,9 +20,10 @@ import gc
 import logging
 import multiprocessing
 import os
+from collections.abc import Callable, Sequence
 from dataclasses import replace
 from pathlib import Path
-from typing import Any, Callable, Sequence
+from typing import Any
 
 from sandlab.errors import BackendUnavailableError
 from sandlab.inference.base import ChatBackend, Completion, Conversation, SamplingConfig, request_seed
@@ -72,7 +73,6 @@ def _cpu_adjustments(dtype: str, engine_kwargs: dict[str, Any]) -> str:
     """Pick a dtype the CPU runs natively and give the KV cache an explicit size (see module doc)."""
     import psutil  # noqa: PLC0415 (vLLM dependency)
     import torch  # noqa: PLC0415
-
     from vllm.platforms import CpuArchEnum, current_platform  # noqa: PLC0415
 
     if dtype in ("bfloat16", "bf16") and current_platform.get_cpu_architecture() == CpuArchEnum.X86:
@@ -363,9 +363,10 @@ class VLLMEngineBackend(ChatBackend):
             end = start + size + (1 if rank < extra else 0)
             shards.append((start, end))
             start = end
-        for (proc, conn), (lo, hi) in zip(self._workers, shards):
-            if hi > lo:
-                conn.send((convs[lo:hi], sampling, desc))
+        for (_proc, conn), (lo, hi) in zip(self._workers, shards):
+            if hi > lo:  # shard offsets keep conversation i on seed + i, as in one engine
+                shard_seed = None if sampling.seed is None else sampling.seed + lo
+                conn.send((convs[lo:hi], replace(sampling, seed=shard_seed), desc))
         results: list[list[Completion]] = []
         for rank, ((proc, conn), (lo, hi)) in enumerate(zip(self._workers, shards)):
             if hi <= lo:
@@ -402,7 +403,7 @@ class VLLMEngineBackend(ChatBackend):
         if self._closed:
             return
         self._closed = True
-        for proc, conn in self._workers:
+        for _proc, conn in self._workers:
             try:
                 conn.send(None)
             except (OSError, ValueError):

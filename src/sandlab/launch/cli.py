@@ -7,8 +7,8 @@ from __future__ import annotations
 import logging
 import os
 import sys
+from collections.abc import Callable, Sequence
 from pathlib import Path
-from typing import Callable, Sequence
 
 from sandlab.errors import SandlabError
 from sandlab.runs import repo_root

@@ -251,7 +251,7 @@ class Pipeline:
         if main:
             self.run.write_metadata(self.raw_cfg)
         if main and self.cfg.wandb.mode != "disabled":
-            init_wandb(self.cfg.wandb, name=f"{self.cfg.recipe}-{self.run.path.name}", run_dir=str(self.run.path),
+            init_wandb(self.cfg.wandb, name=self.cfg.wandb.name or f"{self.cfg.recipe}-{self.run.path.name}", run_dir=str(self.run.path),
                        config=OmegaConf.to_container(self.raw_cfg, resolve=True))
         try:
             for stage in selected:
