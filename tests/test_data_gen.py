@@ -7,13 +7,14 @@ import pytest
 
 from sandlab.config import AgreementStage, DedupStage, ExportStage, GenerationStage
 from sandlab.data_gen.agreement import filter_by_agreement
-from sandlab.data_gen.dedup import dedup, normalize_text
+from sandlab.data_gen.dedup import dedup
 from sandlab.data_gen.export import export_sft
 from sandlab.data_gen.generate import build_requests, generate_problems, parse_problem
 from sandlab.data_gen.taxonomy import Taxonomy
 from sandlab.errors import ConfigError
 from sandlab.grading import GradingPool
 from sandlab.inference.base import ChatBackend, Completion
+from sandlab.text import normalize_text
 
 ROOT = Path(__file__).resolve().parents[1]
 

@@ -99,6 +99,24 @@ class DedupStage:
 
 
 @dataclass
+class DecontamStage:
+    """Layers: normalized exact match, word n-gram overlap, embedding retrieval, optional LLM judge."""
+
+    benchmarks: list[str] = field(default_factory=lambda: ["aime24", "aime25", "math500", "gpqa_diamond"])
+    extra_sets: list[str] = field(default_factory=list)  # user JSONL files with a `problem` field
+    ngram_n: int = 8
+    # Share of a test item's word n-grams found in a record that marks it contaminated.
+    ngram_overlap: float = 0.5
+    embedding_model: str = "embedded://all-minilm-l6-v2"
+    embedding_top_k: int = 3
+    embedding_threshold: float = 0.92  # cosine for all-MiniLM-L6-v2
+    # With llm_judge, candidates between judge_threshold and embedding_threshold go to the teacher.
+    llm_judge: bool = False
+    judge_threshold: float = 0.7
+    batch_size: int = 64
+
+
+@dataclass
 class ExportStage:
     variant: str = "math"
     min_words: int = 0  # AMD kept solutions longer than 500 words
@@ -114,6 +132,7 @@ class DataConfig:
     solve: SolveStage = field(default_factory=SolveStage)
     agreement: AgreementStage = field(default_factory=AgreementStage)
     dedup: DedupStage = field(default_factory=DedupStage)
+    decontam: DecontamStage = field(default_factory=DecontamStage)
     export: ExportStage = field(default_factory=ExportStage)
 
 
@@ -187,7 +206,11 @@ class RunSettings:
 class RecipeConfig:
     recipe: str = "recipe"
     description: str = ""
-    stages: list[str] = field(default_factory=lambda: ["generate", "solve", "filter", "dedup", "export", "train", "eval", "report"])
+    stages: list[str] = field(default_factory=lambda: ["generate", "solve", "filter", "dedup", "decontam", "export", "train", "eval", "report"])
+    # Standalone data stage: `python data_gen/run.py stage=<stage> input=<file.jsonl> output=<dir>`.
+    stage: Optional[str] = None
+    input: Optional[str] = None
+    output: Optional[str] = None
     run: RunSettings = field(default_factory=RunSettings)
     model: ModelConfig = field(default_factory=ModelConfig)
     teacher: BackendConfig = field(default_factory=BackendConfig)
@@ -198,7 +221,7 @@ class RecipeConfig:
     launcher: LauncherConfig = field(default_factory=LauncherConfig)
 
 
-STAGES = ("generate", "solve", "filter", "dedup", "export", "train", "eval", "report")
+STAGES = ("generate", "solve", "filter", "dedup", "decontam", "export", "train", "eval", "report")
 BACKENDS = ("vllm", "openai", "hf")
 
 

@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import hashlib
+import os
 from functools import lru_cache
 
 import numpy as np
 
-from sandlab.models import resolve_model_path
+from sandlab.models import cache_dir, resolve_model_path
 
 
 @lru_cache(maxsize=2)
@@ -16,9 +18,27 @@ def _load(path: str):
     return SentenceTransformer(path, device="cpu")
 
 
-def embed(texts: list[str], *, model: str = "embedded://all-minilm-l6-v2", batch_size: int = 64, progress: bool = True) -> np.ndarray:
-    """L2-normalized float32 embeddings, so inner product = cosine similarity."""
-    encoder = _load(resolve_model_path(model, what="data.dedup.embedding_model"))
+def embed(
+    texts: list[str], *, model: str = "embedded://all-minilm-l6-v2", batch_size: int = 64, progress: bool = True, cache: bool = False
+) -> np.ndarray:
+    """L2-normalized float32 embeddings, so inner product = cosine similarity.
+
+    ``cache=True`` keeps the result on disk keyed by model and texts: for fixed sets embedded on every
+    run (the test benchmarks in decontamination).
+    """
+    path = resolve_model_path(model, what="embedding_model")
+    if cache:
+        digest = hashlib.sha1("\x1e".join([path, *texts]).encode()).hexdigest()
+        cached = cache_dir() / "embeddings" / f"{digest}.npy"
+        if cached.exists():
+            return np.load(cached)
+        vectors = embed(texts, model=model, batch_size=batch_size, progress=progress)
+        cached.parent.mkdir(parents=True, exist_ok=True)
+        tmp = cached.with_name(f".{cached.stem}-{os.getpid()}.npy")
+        np.save(tmp, vectors)
+        os.replace(tmp, cached)
+        return vectors
+    encoder = _load(path)
     vectors = encoder.encode(
         texts, batch_size=batch_size, show_progress_bar=progress and len(texts) > batch_size,
         convert_to_numpy=True, normalize_embeddings=True,

@@ -2,26 +2,12 @@
 
 from __future__ import annotations
 
-import hashlib
-import re
-
 import numpy as np
 
 from sandlab.config import DedupStage
 from sandlab.embeddings import embed
 from sandlab.records import Record
-
-_SPACE = re.compile(r"\s+")
-_PUNCT = re.compile(r"[^\w\s]")
-
-
-def normalize_text(text: str) -> str:
-    """Lower-case, drop punctuation/LaTeX symbols, collapse whitespace: reformatted copies hash alike."""
-    return _SPACE.sub(" ", _PUNCT.sub(" ", text.lower())).strip()
-
-
-def exact_key(text: str) -> str:
-    return hashlib.sha1(normalize_text(text).encode()).hexdigest()
+from sandlab.text import text_key
 
 
 def dedup(records: list[Record], cfg: DedupStage, *, field: str = "problem") -> tuple[list[Record], list[Record]]:
@@ -31,7 +17,7 @@ def dedup(records: list[Record], cfg: DedupStage, *, field: str = "problem") -> 
     kept, dropped, seen = [], [], {}
     candidates = []
     for rec in records:
-        key = exact_key(rec[field])
+        key = text_key(rec[field])
         if key in seen:
             dropped.append({**rec, "reason": "exact_duplicate", "duplicate_of": seen[key]})
         else:

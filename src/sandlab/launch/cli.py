@@ -32,7 +32,11 @@ def make_main(stages: Sequence[str] | None = None, default_recipe: str = "demo")
 
         run_dir = HydraConfig.get().runtime.output_dir
         try:
-            Pipeline(cfg, run_dir).run_stages(list(stages) if stages else None)
+            pipeline = Pipeline(cfg, run_dir)
+            if cfg.get("stage"):  # one data stage on a user's JSONL file
+                pipeline.run_single_stage(cfg.stage, cfg.get("input"), cfg.get("output"))
+            else:
+                pipeline.run_stages(list(stages) if stages else None)
         except SandlabError as exc:
             log.error("%s", exc)
             print(f"error: {exc}", file=sys.stderr)

@@ -1,6 +1,6 @@
 """Runs a recipe's stages in order inside one run directory; finished stages are skipped on rerun.
 
-generate -> solve -> filter -> dedup -> export   (data_gen, teacher backend)
+generate -> solve -> filter -> dedup -> decontam -> export   (data_gen, teacher backend)
 train                                            (TRL SFT of the student)
 eval -> report                                   (own harness + shared grader)
 """
@@ -25,7 +25,22 @@ from sandlab.reporting import funnel_row, plot_funnel, print_results, write_resu
 from sandlab.runs import RunDir, repo_root
 
 log = logging.getLogger("sandlab")
-DATA_STAGES = ("generate", "solve", "filter", "dedup", "export")
+DATA_STAGES = ("generate", "solve", "filter", "dedup", "decontam", "export")
+STAGE_HINTS = {
+    "generate": "raise data.generate.num_problems or use a stronger teacher",
+    "solve": "check the teacher",
+    "filter": "raise data.generate.num_problems or lower data.agreement.min_agreement",
+    "dedup": "raise data.dedup.threshold",
+    "decontam": "check data.decontam thresholds; everything matched a test benchmark",
+    "export": "lower data.export.min_words",
+}
+
+
+def require_fields(records: list[Record], stage: str, fields: list[str], hint: str) -> None:
+    for i, rec in enumerate(records):
+        missing = [f for f in fields if f not in rec]
+        if missing:
+            raise ConfigError(f"stage {stage}: record {i + 1} (id={rec.get('id')!r}) lacks {missing}; {hint}")
 
 
 def is_main_process() -> bool:
@@ -86,44 +101,85 @@ class Pipeline:
         markers = [self.run.done_marker(stage) for stage in DATA_STAGES]
         return [json.loads(m.read_text()) for m in markers if m.exists()]
 
-    # ---- stages ------------------------------------------------------------------------------
-    def stage_generate(self) -> None:
+    # ---- data stages: records in -> (kept, dropped) ------------------------------------------
+    def data_generate(self, records: list[Record]) -> tuple[list[Record], list[Record]]:
         from sandlab.data_gen.generate import build_requests, generate_problems  # noqa: PLC0415
 
         gen = self.cfg.data.generate
         requests = build_requests(gen, self.root, self.cfg.run.seed)
-        kept, dropped = generate_problems(self.teacher, requests, gen, teacher=self.cfg.teacher.model)
-        self._finish_data_stage("generate", len(requests), kept, dropped, "raise data.generate.num_problems or use a stronger teacher")
+        return generate_problems(self.teacher, requests, gen, teacher=self.cfg.teacher.model)
 
-    def stage_solve(self) -> None:
+    def data_solve(self, records: list[Record]) -> tuple[list[Record], list[Record]]:
         from sandlab.data_gen.solve import solve_problems  # noqa: PLC0415
 
-        problems = self._records("generate")
-        solved = solve_problems(self.teacher, problems, self.cfg.data.solve, self.root)
-        self._finish_data_stage("solve", len(problems), solved, [], "")
+        return solve_problems(self.teacher, records, self.cfg.data.solve, self.root), []
 
-    def stage_filter(self) -> None:
+    def data_filter(self, records: list[Record]) -> tuple[list[Record], list[Record]]:
         from sandlab.data_gen.agreement import filter_by_agreement  # noqa: PLC0415
 
-        solved = self._records("solve")
-        kept, dropped = filter_by_agreement(solved, self.cfg.data.agreement, self.pool, include_reference=self.cfg.data.solve.include_reference)
-        self._finish_data_stage("filter", len(solved), kept, dropped, "raise data.generate.num_problems or lower data.agreement.min_agreement")
+        require_fields(records, "filter", ["solutions"], "run stage=solve on them first")
+        return filter_by_agreement(records, self.cfg.data.agreement, self.pool, include_reference=self.cfg.data.solve.include_reference)
 
-    def stage_dedup(self) -> None:
+    def data_dedup(self, records: list[Record]) -> tuple[list[Record], list[Record]]:
         from sandlab.data_gen.dedup import dedup  # noqa: PLC0415
 
-        records = self._records("filter")
-        kept, dropped = dedup(records, self.cfg.data.dedup)
-        self._finish_data_stage("dedup", len(records), kept, dropped, "raise data.dedup.threshold")
+        return dedup(records, self.cfg.data.dedup)
 
-    def stage_export(self) -> None:
+    def data_decontam(self, records: list[Record]) -> tuple[list[Record], list[Record]]:
+        from sandlab.data_gen.decontam import decontaminate  # noqa: PLC0415
+
+        kept, dropped, report = decontaminate(records, self.cfg.data.decontam, judge=self.teacher if self.cfg.data.decontam.llm_judge else None)
+        write_json(self.data_dir / "decontamination_report.json", report)
+        return kept, dropped
+
+    def data_export(self, records: list[Record]) -> tuple[list[Record], list[Record]]:
         from sandlab.data_gen.export import export_sft  # noqa: PLC0415
 
-        records = self._records("dedup")
-        kept, dropped = export_sft(records, self.cfg.data.export)
-        if kept:  # the dataset lands before the stage is marked done
+        require_fields(records, "export", ["solution", "answer"], "run the solve and filter stages first")
+        return export_sft(records, self.cfg.data.export)
+
+    def _run_data_stage(self, stage: str) -> None:
+        enabled = [s for s in self.cfg.stages if s in DATA_STAGES]
+        previous = enabled[enabled.index(stage) - 1] if enabled.index(stage) > 0 else None
+        records = self._records(previous) if previous else []
+        kept, dropped = getattr(self, f"data_{stage}")(records)
+        if stage == "export" and kept:  # the dataset lands before the stage is marked done
             write_jsonl(self.run.sub("sft") / "train.jsonl", kept)
-        self._finish_data_stage("export", len(records), kept, dropped, "lower data.export.min_words")
+        n_in = self.cfg.data.generate.num_problems if stage == "generate" else len(records)
+        self._finish_data_stage(stage, n_in, kept, dropped, STAGE_HINTS[stage])
+
+    def run_single_stage(self, stage: str, input_path: str | None, output_dir: str | None) -> dict[str, Any]:
+        """Apply one data stage to a JSONL file of records (``id``, ``problem``, ...): for users who
+        want one filter on a dataset they already have. Writes kept.jsonl, dropped.jsonl, summary.json."""
+        if stage not in DATA_STAGES:
+            raise ConfigError(f"stage={stage!r} cannot run alone; choose from {list(DATA_STAGES)}")
+        if not output_dir:
+            raise ConfigError(f"stage={stage} needs output=<dir> for kept.jsonl and dropped.jsonl")
+        self.preflight([stage])
+        self.run.write_metadata(self.raw_cfg)
+        records: list[Record] = []
+        if stage != "generate":
+            if not input_path or not Path(input_path).is_file():
+                raise ConfigError(f"stage={stage} needs input=<file.jsonl> with one record per line (got {input_path!r})")
+            try:
+                records = read_jsonl(input_path)
+            except (ValueError, UnicodeDecodeError) as exc:
+                raise ConfigError(f"input={input_path} is not valid JSONL ({type(exc).__name__}: {str(exc).splitlines()[0]})") from None
+            require_fields(records, stage, ["id", "problem"], "every record needs a stable id and a problem")
+        out = Path(output_dir)
+        out.mkdir(parents=True, exist_ok=True)
+        try:
+            kept, dropped = getattr(self, f"data_{stage}")(records)
+        finally:
+            self.close()
+        if stage == "decontam" and (self.data_dir / "decontamination_report.json").exists():
+            (self.data_dir / "decontamination_report.json").replace(out / "decontamination_report.json")
+        row = funnel_row(stage, len(records) if stage != "generate" else self.cfg.data.generate.num_problems, kept, dropped)
+        write_jsonl(out / "dropped.jsonl", dropped)
+        write_jsonl(out / "kept.jsonl", kept)
+        write_json(out / "summary.json", row)
+        log.info("%s: %d in, %d kept, %d dropped %s -> %s", stage, row["in"], row["out"], row["dropped"], row["reasons"], out)
+        return row
 
     def _path(self, value: str | None) -> str | None:
         """Recipe paths are relative to the repository root."""
@@ -218,7 +274,8 @@ class Pipeline:
         """Fail in seconds, not after a model load: paths exist, servers answer, datasets are there."""
         from sandlab.models import resolve_model_path  # noqa: PLC0415
 
-        if any(s in DATA_STAGES for s in selected):
+        needs_teacher = any(s in ("generate", "solve") for s in selected) or ("decontam" in selected and self.cfg.data.decontam.llm_judge)
+        if needs_teacher:
             if self.cfg.teacher.backend == "openai":
                 self.teacher.check_health()
             else:
@@ -232,11 +289,11 @@ class Pipeline:
         template = self._path(self.cfg.model.chat_template)
         if template and not Path(template).is_file():
             raise ConfigError(f"model.chat_template={self.cfg.model.chat_template!r} is not a file")
-        if "eval" in selected:
-            from sandlab.benchmarks import load_benchmark  # noqa: PLC0415
+        from sandlab.benchmarks import load_benchmark  # noqa: PLC0415
 
-            for name in self.cfg.eval.benchmarks:
-                load_benchmark(name, limit=1)
+        needed = (self.cfg.eval.benchmarks if "eval" in selected else []) + (self.cfg.data.decontam.benchmarks if "decontam" in selected else [])
+        for name in dict.fromkeys(needed):
+            load_benchmark(name, limit=1)
         if "eval" in selected and "tuned" in self.cfg.eval.models and "train" not in selected and not self.tuned_dir().exists():
             raise EmptyDatasetError(f"eval.models has 'tuned' but {self.tuned_dir()} does not exist; train first or set run.dir to a trained run")
 
@@ -259,7 +316,10 @@ class Pipeline:
                     log.info("%s: already done in %s, skipping", stage, self.run.path)
                     continue
                 log.info("stage %s", stage)
-                getattr(self, f"stage_{stage}")()
+                if stage in DATA_STAGES:
+                    self._run_data_stage(stage)
+                else:
+                    getattr(self, f"stage_{stage}")()
         finally:
             self.close()
             finish_wandb()

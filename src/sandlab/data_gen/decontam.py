@@ -1,0 +1,143 @@
+"""Decontamination against the test benchmarks (and user-supplied sets), in layers:
+
+1. normalized exact match (whitespace, case, LaTeX formatting ignored),
+2. word n-gram overlap: the share of a test item's n-grams found in the record (catches a test
+   problem wrapped in extra text), through an inverted index, so cost grows with the records' length,
+3. embedding top-k retrieval (faiss) above a cosine threshold (catches close paraphrases),
+4. optionally an LLM judge ("same problem or a paraphrase?") on the candidates just below it.
+
+Every dropped record names the matched test item (benchmark, id, layer, score) as evidence.
+"""
+
+from __future__ import annotations
+
+from collections import Counter, defaultdict
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from sandlab.benchmarks import load_benchmark
+from sandlab.config import DecontamStage
+from sandlab.embeddings import embed
+from sandlab.errors import ConfigError
+from sandlab.inference.base import ChatBackend, SamplingConfig
+from sandlab.records import Record, read_jsonl
+from sandlab.text import normalize_text, text_key, word_ngrams
+
+JUDGE_PROMPT = """Do these two texts pose the same problem (identical, reformatted, or paraphrased, possibly with \
+different wording but the same question and answer)? Reply with one word: yes or no.
+
+Text A:
+{a}
+
+Text B:
+{b}"""
+
+
+def load_test_items(cfg: DecontamStage) -> list[dict[str, Any]]:
+    """Benchmark items plus user sets, as ``{set, id, problem}``."""
+    items = []
+    for name in cfg.benchmarks:
+        items += [{"set": name, "id": it["id"], "problem": it["problem"]} for it in load_benchmark(name)]
+    for path in cfg.extra_sets:
+        if not Path(path).is_file():
+            raise ConfigError(f"data.decontam.extra_sets: {path} does not exist")
+        for i, row in enumerate(read_jsonl(path)):
+            if "problem" not in row:
+                raise ConfigError(f"data.decontam.extra_sets: {path} line {i + 1} has no 'problem' field")
+            items.append({"set": Path(path).stem, "id": str(row.get("id", i)), "problem": row["problem"]})
+    return items
+
+
+class TestIndex:
+    """Exact keys, an n-gram inverted index and an embedding index over the test items."""
+
+    def __init__(self, items: list[dict[str, Any]], cfg: DecontamStage):
+        import faiss  # noqa: PLC0415
+
+        self.items, self.cfg = items, cfg
+        self.exact = {text_key(it["problem"]): i for i, it in enumerate(items)}
+        self.ngram_counts = []
+        self.postings: dict[tuple[str, ...], list[int]] = defaultdict(list)
+        for i, it in enumerate(items):
+            grams = word_ngrams(normalize_text(it["problem"]), cfg.ngram_n)
+            self.ngram_counts.append(len(grams))
+            for gram in grams:
+                self.postings[gram].append(i)
+        vectors = embed([it["problem"] for it in items], model=cfg.embedding_model, batch_size=cfg.batch_size, cache=True)
+        self.index = faiss.IndexFlatIP(vectors.shape[1])
+        self.index.add(vectors)
+
+    def ngram_match(self, text: str) -> tuple[int, float] | None:
+        hits: Counter[int] = Counter()
+        for gram in word_ngrams(normalize_text(text), self.cfg.ngram_n):
+            for i in self.postings.get(gram, ()):
+                hits[i] += 1
+        best = max(((hits[i] / self.ngram_counts[i], i) for i in hits), default=None)
+        return (best[1], best[0]) if best and best[0] >= self.cfg.ngram_overlap else None
+
+
+def _evidence(item: dict[str, Any], layer: str, score: float) -> dict[str, Any]:
+    # Only ids, never test-item text: GPQA asks that its questions stay out of logs and datasets.
+    return {"benchmark": item["set"], "test_id": item["id"], "layer": layer, "score": round(float(score), 4)}
+
+
+def _judge(backend: ChatBackend, pairs: list[tuple[str, str]]) -> list[bool]:
+    prompts = [[{"role": "user", "content": JUDGE_PROMPT.format(a=a, b=b)}] for a, b in pairs]
+    outputs = backend.generate(prompts, SamplingConfig(n=1, temperature=0.0, max_tokens=8), desc="decontam judge")
+    return [bool(out) and out[0].ok and out[0].text.strip().lower().startswith("yes") for out in outputs]
+
+
+def decontaminate(records: list[Record], cfg: DecontamStage, *, judge: ChatBackend | None = None, field: str = "problem") -> tuple[list[Record], list[Record], dict[str, Any]]:
+    """Split records into (clean, contaminated-with-evidence) and a per-benchmark report."""
+    from tqdm.auto import tqdm  # noqa: PLC0415
+
+    items = load_test_items(cfg)
+    if not items:
+        return list(records), [], {"test_items": 0, "per_benchmark": {}}
+    index = TestIndex(items, cfg)
+    verdicts: dict[int, dict[str, Any]] = {}
+    unresolved = []
+    for r, rec in enumerate(tqdm(records, desc="decontam (exact, n-gram)", unit="record", dynamic_ncols=True)):
+        hit = index.exact.get(text_key(rec[field]))
+        if hit is not None:
+            verdicts[r] = _evidence(items[hit], "exact", 1.0)
+            continue
+        match = index.ngram_match(rec[field])
+        if match is not None:
+            verdicts[r] = _evidence(items[match[0]], "ngram", match[1])
+        else:
+            unresolved.append(r)
+    candidates: list[tuple[int, int, float]] = []
+    if unresolved:
+        vectors = embed([records[r][field] for r in unresolved], model=cfg.embedding_model, batch_size=cfg.batch_size)
+        scores, ids = index.index.search(np.ascontiguousarray(vectors), min(cfg.embedding_top_k, len(items)))
+        for r, row_scores, row_ids in zip(unresolved, scores, ids):
+            score, best = float(row_scores[0]), int(row_ids[0])
+            if score >= cfg.embedding_threshold:
+                verdicts[r] = _evidence(items[best], "embedding", score)
+            elif judge is not None and score >= cfg.judge_threshold:
+                candidates += [(r, int(i), float(s)) for i, s in zip(row_ids, row_scores) if s >= cfg.judge_threshold]
+    if candidates:
+        same = _judge(judge, [(records[r][field], items[i]["problem"]) for r, i, _ in candidates])
+        for (r, i, score), yes in zip(candidates, same):
+            if yes and r not in verdicts:
+                verdicts[r] = _evidence(items[i], "llm_judge", score)
+    kept = [rec for r, rec in enumerate(records) if r not in verdicts]
+    dropped = [{**records[r], "reason": "contaminated", "contamination": verdicts[r]} for r in sorted(verdicts)]
+    per_benchmark: dict[str, Any] = {}
+    for ev in (d["contamination"] for d in dropped):
+        entry = per_benchmark.setdefault(ev["benchmark"], {"matches": 0, "by_layer": Counter(), "matched_test_ids": []})
+        entry["matches"] += 1
+        entry["by_layer"][ev["layer"]] += 1
+        entry["matched_test_ids"].append(ev["test_id"])
+    report = {
+        "test_items": len(items),
+        "records": len(records),
+        "contaminated": len(dropped),
+        "judged_candidates": len(candidates),
+        "per_benchmark": {k: {**v, "by_layer": dict(v["by_layer"])} for k, v in sorted(per_benchmark.items())},
+        "settings": {"ngram_n": cfg.ngram_n, "ngram_overlap": cfg.ngram_overlap, "embedding_threshold": cfg.embedding_threshold, "llm_judge": cfg.llm_judge},
+    }
+    return kept, dropped, report
