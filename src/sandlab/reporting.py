@@ -75,7 +75,7 @@ def print_results(results: dict[str, dict[str, dict[str, Any]]], funnel: list[di
         console.print(table)
     if results:
         benchmarks = sorted({b for per_model in results.values() for b in per_model})
-        table = Table(title="Evaluation (pass@1, %)")
+        table = Table(title="Evaluation: pass@1 (%)", min_width=40)
         table.add_column("model")
         for b in benchmarks:
             table.add_column(b, justify="right")
