@@ -1,6 +1,8 @@
-"""Data generation stages of a recipe: python data_gen/run.py --config-name <recipe> [overrides]."""
+"""Data stages of a recipe: python data_gen/run.py --config-name <recipe> [overrides], or one stage on
+your own records: python data_gen/run.py stage=<stage> input=<file.jsonl> output=<dir>."""
 
 from sandlab.launch.cli import run
+from sandlab.launch.pipeline import DATA_STAGES
 
 if __name__ == "__main__":
-    run(stages=("generate", "solve", "filter", "dedup", "export"))
+    run(stages=DATA_STAGES)

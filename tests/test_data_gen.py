@@ -3,6 +3,7 @@
 import random
 from pathlib import Path
 
+import numpy as np
 import pytest
 
 from sandlab.config import AgreementStage, DedupStage, ExportStage, GenerationStage
@@ -150,3 +151,31 @@ def test_agreement_drops_non_numeric_majority(pool):
     assert not kept and dropped[0]["reason"] == "non_numeric_answer"
     kept, _ = filter_by_agreement([rec], AgreementStage(min_agreement=1.0, min_votes=2, require_numeric=False), pool, include_reference=True)
     assert len(kept) == 1
+
+
+def test_minhash_catches_near_identical_wording_only():
+    base = ("Let ABCD be a convex quadrilateral with AB = 7, BC = 9, CD = 11 and DA = 13, and let its diagonals meet at P. "
+            "Find the largest possible area of triangle APB, expressed as m/n, and report m + n.")
+    records = [
+        {"id": "a", "problem": base},
+        {"id": "b", "problem": base.replace("largest possible", "largest")},  # one word dropped
+        {"id": "c", "problem": "A bag has 3 red and 5 blue marbles. Two are drawn without replacement. Find the probability both are red."},
+    ]
+    kept, dropped = dedup(records, DedupStage(threshold=0.99))  # embedding layer off in effect
+    assert [k["id"] for k in kept] == ["a", "c"]
+    assert dropped[0]["reason"] == "minhash_duplicate" and dropped[0]["duplicate_of"] == "a" and dropped[0]["jaccard"] >= 0.8
+
+
+def test_embedding_dedup_ivf_path_keeps_first_of_each_group():
+    """Precomputed vectors, IVF index: each planted near-copy is dropped in favour of its earliest original."""
+    rng = np.random.default_rng(0)
+    originals = rng.normal(size=(3000, 32)).astype(np.float32)
+    copies_of = rng.choice(3000, size=300, replace=False)
+    copies = originals[copies_of] + 0.01 * rng.normal(size=(300, 32)).astype(np.float32)
+    vectors = np.concatenate([originals, copies])
+    vectors /= np.linalg.norm(vectors, axis=1, keepdims=True)
+    records = [{"id": str(i), "problem": f"record {i} " + "x" * (i % 7)} for i in range(len(vectors))]
+    cfg = DedupStage(threshold=0.98, minhash=False, ivf_min_records=1000, nprobe=16)
+    kept, dropped = dedup(records, cfg, vectors=vectors)
+    assert len(kept) == 3000
+    assert sorted((int(d["id"]), int(d["duplicate_of"])) for d in dropped) == sorted((3000 + c, int(o)) for c, o in enumerate(copies_of))

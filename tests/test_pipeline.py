@@ -4,10 +4,12 @@ resume behaviour, and the one-line errors for bad input."""
 import json
 import os
 import re
+import signal
 import socket
 import subprocess
 import sys
 import threading
+import time
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
@@ -53,9 +55,10 @@ class ScriptedTeacher:
     (a model that can do this does not fit on a CPU test runner). Problems of template 3 get
     disagreeing answers, so the agreement filter has something to drop."""
 
-    def __init__(self):
+    def __init__(self, delay_s: float = 0.0):
         teacher = self
         self.requests = 0
+        self.lock = threading.Lock()
 
         class Handler(BaseHTTPRequestHandler):
             def log_message(self, *args):
@@ -74,7 +77,9 @@ class ScriptedTeacher:
 
             def do_POST(self):  # noqa: N802
                 body = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
-                teacher.requests += 1
+                with teacher.lock:
+                    teacher.requests += 1
+                time.sleep(delay_s)
                 prompt = body["messages"][0]["content"]
                 seed, n = body.get("seed") or 0, body.get("n", 1)
                 if "Write only the problem" in prompt:  # generation, continuing the "<Q>" prefill
@@ -123,6 +128,45 @@ def test_whole_recipe_with_a_teacher_server(tmp_path):
     assert (run_dir / "funnel.png").stat().st_size > 1000
     assert "| filter | 12 | 9 | 3 | disagreement: 3 |" in (run_dir / "report.md").read_text()
     assert len((run_dir / "eval/tuned/math500/samples.jsonl").read_text().splitlines()) == 2
+
+
+def test_sigkill_midway_then_rerun_equals_uninterrupted_run(tmp_path):
+    """Kill the data stages with SIGKILL in the middle of `solve`; the rerun resumes at the first
+    unfinished shard and its outputs equal an uninterrupted run's, with no duplicated or missing ids."""
+    teacher = ScriptedTeacher(delay_s=0.2)
+    common = ["teacher=openai_servers", f"teacher.base_urls=[{teacher.url}]", "teacher.model=teacher", "teacher.max_concurrency=1",
+              "data.generate.num_problems=12", "data.shard_size=2", "stages=[generate,solve,filter,dedup,decontam,export]"]
+    entry = ("data_gen/run.py",)
+    try:
+        full = run_sandlab(*common, f"run.dir={tmp_path / 'full'}", entry=entry)
+        assert full.returncode == 0, full.stderr[-2000:]
+        requests_full = teacher.requests
+
+        killed = tmp_path / "killed"
+        env = {**os.environ, "HF_HUB_OFFLINE": "1", "SANDLAB_BENCHMARK_DIR": str(SHARED_BENCHMARKS), "WANDB_MODE": "offline"}
+        proc = subprocess.Popen([sys.executable, *entry, "--config-name", "tiny", *common, f"run.dir={killed}"], cwd=ROOT, env=env,
+                                stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+        shards = killed / "data" / "solve.shards-2"
+        deadline = time.monotonic() + 300
+        while len(list(shards.glob("*.json"))) < 2 and time.monotonic() < deadline and proc.poll() is None:
+            time.sleep(0.02)
+        os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait()
+        finished = len(list(shards.glob("*.json")))
+        assert 2 <= finished < 6 and not (killed / "stages/solve.done").exists()
+
+        before = teacher.requests
+        rerun = run_sandlab(*common, f"run.dir={killed}", entry=entry)
+        assert rerun.returncode == 0, rerun.stderr[-2000:]
+    finally:
+        teacher.close()
+    for name in ("data/generate.jsonl", "data/solve.jsonl", "data/filter.jsonl", "sft/train.jsonl"):
+        assert (killed / name).read_text() == (tmp_path / "full" / name).read_text(), name
+    ids = [json.loads(line)["id"] for line in (killed / "data/solve.jsonl").read_text().splitlines()]
+    assert len(ids) == len(set(ids)) == 12
+    # Finished shards were not sent to the teacher again: one request per unfinished problem.
+    assert teacher.requests - before == 12 - 2 * finished < requests_full
+    assert not shards.exists()  # merged into data/solve.jsonl
 
 
 def free_port():

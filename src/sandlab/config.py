@@ -96,6 +96,14 @@ class DedupStage:
     # Cosine threshold is tied to the embedding model: 0.9 for all-MiniLM-L6-v2.
     threshold: float = 0.9
     batch_size: int = 64
+    neighbours: int = 10  # top-k neighbours checked per record
+    ivf_min_records: int = 20000  # exact faiss search below this, IVF (approximate, ~linear) above
+    nprobe: int = 8
+    minhash: bool = True
+    minhash_num_perm: int = 64
+    minhash_bands: int = 16
+    minhash_shingle: int = 3
+    minhash_threshold: float = 0.8
 
 
 @dataclass
@@ -128,6 +136,8 @@ class DataConfig:
     name: str = "demo_math"
     # Use an existing SFT dataset (JSONL file/dir or Hub id) instead of generating one.
     dataset_path: Optional[str] = None
+    # Records per saved shard in per-record stages: a killed run resumes at the first unfinished shard.
+    shard_size: int = 256
     generate: GenerationStage = field(default_factory=GenerationStage)
     solve: SolveStage = field(default_factory=SolveStage)
     agreement: AgreementStage = field(default_factory=AgreementStage)

@@ -25,6 +25,7 @@ from sandlab.inference.base import ChatBackend, SamplingConfig
 from sandlab.records import Record, read_jsonl
 from sandlab.text import normalize_text, text_key, word_ngrams
 
+MIN_SHORT_WORDS = 4
 JUDGE_PROMPT = """Do these two texts pose the same problem (identical, reformatted, or paraphrased, possibly with \
 different wording but the same question and answer)? Reply with one word: yes or no.
 
@@ -60,8 +61,19 @@ class TestIndex:
         self.exact = {text_key(it["problem"]): i for i, it in enumerate(items)}
         self.ngram_counts = []
         self.postings: dict[tuple[str, ...], list[int]] = defaultdict(list)
+        # Test items shorter than n words have no n-gram to find inside a longer record: a wrapped copy
+        # of one is found by substring search instead (items under MIN_SHORT_WORDS only by exact match,
+        # since a two-word "problem" inside a record proves nothing).
+        self.short: list[tuple[str, int]] = []
         for i, it in enumerate(items):
-            grams = word_ngrams(normalize_text(it["problem"]), cfg.ngram_n)
+            normalized = normalize_text(it["problem"])
+            n_words = len(normalized.split())
+            if n_words < cfg.ngram_n:
+                if n_words >= MIN_SHORT_WORDS:
+                    self.short.append((f" {normalized} ", i))
+                self.ngram_counts.append(0)
+                continue
+            grams = word_ngrams(normalized, cfg.ngram_n)
             self.ngram_counts.append(len(grams))
             for gram in grams:
                 self.postings[gram].append(i)
@@ -70,8 +82,14 @@ class TestIndex:
         self.index.add(vectors)
 
     def ngram_match(self, text: str) -> tuple[int, float] | None:
+        normalized = normalize_text(text)
+        if self.short:
+            padded = f" {normalized} "
+            for needle, i in self.short:
+                if needle in padded:
+                    return i, 1.0
         hits: Counter[int] = Counter()
-        for gram in word_ngrams(normalize_text(text), self.cfg.ngram_n):
+        for gram in word_ngrams(normalized, self.cfg.ngram_n):
             for i in self.postings.get(gram, ()):
                 hits[i] += 1
         best = max(((hits[i] / self.ngram_counts[i], i) for i in hits), default=None)
@@ -89,8 +107,13 @@ def _judge(backend: ChatBackend, pairs: list[tuple[str, str]]) -> list[bool]:
     return [bool(out) and out[0].ok and out[0].text.strip().lower().startswith("yes") for out in outputs]
 
 
-def decontaminate(records: list[Record], cfg: DecontamStage, *, judge: ChatBackend | None = None, field: str = "problem") -> tuple[list[Record], list[Record], dict[str, Any]]:
-    """Split records into (clean, contaminated-with-evidence) and a per-benchmark report."""
+def decontaminate(
+    records: list[Record], cfg: DecontamStage, *, judge: ChatBackend | None = None, field: str = "problem", vectors: np.ndarray | None = None
+) -> tuple[list[Record], list[Record], dict[str, Any]]:
+    """Split records into (clean, contaminated-with-evidence) and a per-benchmark report.
+
+    ``vectors``: precomputed normalized embeddings of the records (same model as the test index).
+    """
     from tqdm.auto import tqdm  # noqa: PLC0415
 
     items = load_test_items(cfg)
@@ -111,8 +134,11 @@ def decontaminate(records: list[Record], cfg: DecontamStage, *, judge: ChatBacke
             unresolved.append(r)
     candidates: list[tuple[int, int, float]] = []
     if unresolved:
-        vectors = embed([records[r][field] for r in unresolved], model=cfg.embedding_model, batch_size=cfg.batch_size)
-        scores, ids = index.index.search(np.ascontiguousarray(vectors), min(cfg.embedding_top_k, len(items)))
+        if vectors is None:
+            queries = embed([records[r][field] for r in unresolved], model=cfg.embedding_model, batch_size=cfg.batch_size)
+        else:
+            queries = vectors[unresolved]
+        scores, ids = index.index.search(np.ascontiguousarray(queries, dtype=np.float32), min(cfg.embedding_top_k, len(items)))
         for r, row_scores, row_ids in zip(unresolved, scores, ids):
             score, best = float(row_scores[0]), int(row_ids[0])
             if score >= cfg.embedding_threshold:

@@ -1,40 +1,122 @@
-"""Deduplication: normalized exact hash, then embedding cosine near-duplicates through faiss."""
+"""Deduplication in three layers, each keeping the first record of a duplicate group (input order):
+
+1. normalized exact hash (whitespace, case, LaTeX formatting ignored),
+2. MinHash-LSH over word shingles (near-identical wording),
+3. embedding cosine through faiss (paraphrases); exact search for small sets, an IVF index above
+   ``DedupStage.ivf_min_records``, so cost grows close to linearly instead of with all pairs.
+"""
 
 from __future__ import annotations
+
+import hashlib
+from collections import defaultdict
 
 import numpy as np
 
 from sandlab.config import DedupStage
 from sandlab.embeddings import embed
 from sandlab.records import Record
-from sandlab.text import text_key
+from sandlab.text import normalize_text, text_key, word_ngrams
+
+_MERSENNE = np.uint64((1 << 61) - 1)
 
 
-def dedup(records: list[Record], cfg: DedupStage, *, field: str = "problem") -> tuple[list[Record], list[Record]]:
-    """Keep the first of each group of (near-)duplicates, in input order."""
+def _shingle_hashes(text: str, n: int) -> np.ndarray:
+    grams = word_ngrams(normalize_text(text), n)
+    return np.fromiter(
+        (int.from_bytes(hashlib.blake2b(" ".join(g).encode(), digest_size=7).digest(), "little") for g in grams),
+        dtype=np.uint64, count=len(grams),
+    )
+
+
+def minhash_signatures(texts: list[str], *, num_perm: int, shingle: int, seed: int = 0) -> np.ndarray:
+    """(len(texts), num_perm) MinHash signatures with universal hashing mod 2^61-1."""
+    rng = np.random.default_rng(seed)
+    a = rng.integers(1, 1 << 30, size=num_perm, dtype=np.uint64)
+    b = rng.integers(0, 1 << 30, size=num_perm, dtype=np.uint64)
+    signatures = np.full((len(texts), num_perm), np.iinfo(np.uint64).max, dtype=np.uint64)
+    for i, text in enumerate(texts):
+        hashes = _shingle_hashes(text, shingle)
+        if hashes.size:
+            # 56-bit shingle hashes times 30-bit coefficients stay below 2^64 after the first modulo.
+            signatures[i] = ((np.outer(hashes % _MERSENNE, a) + b) % _MERSENNE).min(axis=0)
+    return signatures
+
+
+def minhash_duplicates(signatures: np.ndarray, *, bands: int, threshold: float) -> dict[int, tuple[int, float]]:
+    """index -> (earlier kept index, estimated Jaccard) for records whose LSH buckets hold a near-copy."""
+    rows = signatures.shape[1] // bands
+    buckets: list[dict[bytes, list[int]]] = [defaultdict(list) for _ in range(bands)]
+    duplicates: dict[int, tuple[int, float]] = {}
+    for i, sig in enumerate(signatures):
+        keys = [sig[band * rows : (band + 1) * rows].tobytes() for band in range(bands)]
+        best: tuple[int, float] | None = None
+        for band, key in enumerate(keys):
+            for j in buckets[band].get(key, ()):
+                jaccard = float(np.mean(signatures[j] == sig))
+                if jaccard >= threshold and (best is None or jaccard > best[1]):
+                    best = (j, jaccard)
+        if best is not None:
+            duplicates[i] = best
+            continue
+        for band, key in enumerate(keys):  # only kept records represent their bucket
+            buckets[band][key].append(i)
+    return duplicates
+
+
+def _neighbours(vectors: np.ndarray, k: int, ivf_min_records: int, nprobe: int):
     import faiss  # noqa: PLC0415
 
-    kept, dropped, seen = [], [], {}
-    candidates = []
-    for rec in records:
+    n, dim = vectors.shape
+    if n < ivf_min_records:
+        index = faiss.IndexFlatIP(dim)
+    else:
+        nlist = int(4 * np.sqrt(n))
+        index = faiss.IndexIVFFlat(faiss.IndexFlatIP(dim), dim, nlist, faiss.METRIC_INNER_PRODUCT)
+        sample = vectors[np.random.default_rng(0).choice(n, size=min(n, 40 * nlist), replace=False)]
+        index.train(sample)
+        index.nprobe = nprobe
+    index.add(vectors)
+    return index.search(vectors, min(k, n))
+
+
+def embedding_duplicates(vectors: np.ndarray, *, threshold: float, k: int, ivf_min_records: int, nprobe: int) -> dict[int, tuple[int, float]]:
+    """index -> (earlier kept index, cosine): greedy keep-first over each record's top-k neighbours."""
+    scores, ids = _neighbours(np.ascontiguousarray(vectors, dtype=np.float32), k, ivf_min_records, nprobe)
+    duplicates: dict[int, tuple[int, float]] = {}
+    for i in range(len(vectors)):
+        for score, j in zip(scores[i], ids[i]):
+            if 0 <= j < i and score >= threshold and j not in duplicates:
+                duplicates[i] = (int(j), float(score))
+                break
+    return duplicates
+
+
+def dedup(records: list[Record], cfg: DedupStage, *, field: str = "problem", vectors: np.ndarray | None = None) -> tuple[list[Record], list[Record]]:
+    """Keep the first of each group of (near-)duplicates. ``vectors``: precomputed normalized embeddings."""
+    dropped: dict[int, Record] = {}
+    seen: dict[str, int] = {}
+    for i, rec in enumerate(records):
         key = text_key(rec[field])
         if key in seen:
-            dropped.append({**rec, "reason": "exact_duplicate", "duplicate_of": seen[key]})
+            dropped[i] = {**rec, "reason": "exact_duplicate", "duplicate_of": records[seen[key]]["id"]}
         else:
-            seen[key] = rec["id"]
-            candidates.append(rec)
-    if not candidates:
-        return kept, dropped
-    vectors = embed([r[field] for r in candidates], model=cfg.embedding_model, batch_size=cfg.batch_size)
-    index = faiss.IndexFlatIP(vectors.shape[1])
-    kept_ids: list[str] = []
-    for rec, vec in zip(candidates, vectors):
-        if index.ntotal:
-            scores, idx = index.search(vec[None, :], 1)
-            if scores[0, 0] >= cfg.threshold:
-                dropped.append({**rec, "reason": "near_duplicate", "duplicate_of": kept_ids[idx[0, 0]], "similarity": float(scores[0, 0])})
-                continue
-        index.add(np.ascontiguousarray(vec[None, :]))
-        kept_ids.append(rec["id"])
-        kept.append(rec)
-    return kept, dropped
+            seen[key] = i
+    live = [i for i in range(len(records)) if i not in dropped]
+    if cfg.minhash and live:
+        signatures = minhash_signatures([records[i][field] for i in live], num_perm=cfg.minhash_num_perm, shingle=cfg.minhash_shingle)
+        for pos, (other, jaccard) in minhash_duplicates(signatures, bands=cfg.minhash_bands, threshold=cfg.minhash_threshold).items():
+            i = live[pos]
+            dropped[i] = {**records[i], "reason": "minhash_duplicate", "duplicate_of": records[live[other]]["id"], "jaccard": round(jaccard, 4)}
+        live = [i for i in live if i not in dropped]
+    if live:
+        if vectors is None:
+            live_vectors = embed([records[i][field] for i in live], model=cfg.embedding_model, batch_size=cfg.batch_size)
+        else:
+            live_vectors = vectors[live]
+        found = embedding_duplicates(live_vectors, threshold=cfg.threshold, k=cfg.neighbours, ivf_min_records=cfg.ivf_min_records, nprobe=cfg.nprobe)
+        for pos, (other, score) in found.items():
+            i = live[pos]
+            dropped[i] = {**records[i], "reason": "near_duplicate", "duplicate_of": records[live[other]]["id"], "similarity": round(score, 4)}
+    kept = [rec for i, rec in enumerate(records) if i not in dropped]
+    return kept, [dropped[i] for i in sorted(dropped)]

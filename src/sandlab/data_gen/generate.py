@@ -57,7 +57,9 @@ def parse_problem(text: str, *, reference_solution: bool = True) -> tuple[dict[s
     return {"problem": question.group(1).strip(), "reference_solution": solution.group(1).strip(), "reference_answer": answer}, None
 
 
-def generate_problems(backend: ChatBackend, requests: list[Record], cfg: GenerationStage, *, teacher: str) -> tuple[list[Record], list[Record]]:
+def generate_problems(
+    backend: ChatBackend, requests: list[Record], cfg: GenerationStage, *, teacher: str, seed_offset: int = 0
+) -> tuple[list[Record], list[Record]]:
     conversations = []
     for req in requests:
         conv = [{"role": "user", "content": req["prompt"]}]
@@ -65,6 +67,8 @@ def generate_problems(backend: ChatBackend, requests: list[Record], cfg: Generat
             conv.append({"role": "assistant", "content": cfg.response_prefix})
         conversations.append(conv)
     sampling = SamplingConfig(**{**vars(cfg.sampling), "n": 1})
+    if sampling.seed is not None:
+        sampling.seed += seed_offset
     outputs = backend.generate(conversations, sampling, desc="generate problems")
     kept, dropped = [], []
     for req, (completion,) in zip(requests, outputs):

@@ -11,10 +11,12 @@ from sandlab.inference.base import ChatBackend, SamplingConfig
 from sandlab.records import Record
 
 
-def solve_problems(backend: ChatBackend, problems: list[Record], cfg: SolveStage, root: Path) -> list[Record]:
+def solve_problems(backend: ChatBackend, problems: list[Record], cfg: SolveStage, root: Path, *, seed_offset: int = 0) -> list[Record]:
     template = load_prompt(root / cfg.prompt, "data.solve.prompt", problem="")
     conversations = [[{"role": "user", "content": template.format(problem=p["problem"])}] for p in problems]
     sampling = SamplingConfig(**{**vars(cfg.sampling), "n": cfg.k})
+    if sampling.seed is not None:
+        sampling.seed += seed_offset
     outputs = backend.generate(conversations, sampling, desc=f"solve x{cfg.k}")
     solved = []
     for problem, completions in zip(problems, outputs):

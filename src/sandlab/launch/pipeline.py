@@ -11,6 +11,7 @@ import dataclasses
 import json
 import logging
 import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -26,6 +27,7 @@ from sandlab.runs import RunDir, repo_root
 
 log = logging.getLogger("sandlab")
 DATA_STAGES = ("generate", "solve", "filter", "dedup", "decontam", "export")
+SHARDED_STAGES = ("generate", "solve", "filter", "export")  # record by record; dedup/decontam are global
 STAGE_HINTS = {
     "generate": "raise data.generate.num_problems or use a stronger teacher",
     "solve": "check the teacher",
@@ -102,51 +104,85 @@ class Pipeline:
         return [json.loads(m.read_text()) for m in markers if m.exists()]
 
     # ---- data stages: records in -> (kept, dropped) ------------------------------------------
-    def data_generate(self, records: list[Record]) -> tuple[list[Record], list[Record]]:
-        from sandlab.data_gen.generate import build_requests, generate_problems  # noqa: PLC0415
+    # ``offset`` is the position of the first record in the stage's input: sampling seeds follow the
+    # record's position, so a sharded or resumed run samples exactly what an uninterrupted one does.
+    def data_generate(self, requests: list[Record], offset: int = 0) -> tuple[list[Record], list[Record]]:
+        from sandlab.data_gen.generate import generate_problems  # noqa: PLC0415
 
-        gen = self.cfg.data.generate
-        requests = build_requests(gen, self.root, self.cfg.run.seed)
-        return generate_problems(self.teacher, requests, gen, teacher=self.cfg.teacher.model)
+        return generate_problems(self.teacher, requests, self.cfg.data.generate, teacher=self.cfg.teacher.model, seed_offset=offset)
 
-    def data_solve(self, records: list[Record]) -> tuple[list[Record], list[Record]]:
+    def data_solve(self, records: list[Record], offset: int = 0) -> tuple[list[Record], list[Record]]:
         from sandlab.data_gen.solve import solve_problems  # noqa: PLC0415
 
-        return solve_problems(self.teacher, records, self.cfg.data.solve, self.root), []
+        return solve_problems(self.teacher, records, self.cfg.data.solve, self.root, seed_offset=offset), []
 
-    def data_filter(self, records: list[Record]) -> tuple[list[Record], list[Record]]:
+    def data_filter(self, records: list[Record], offset: int = 0) -> tuple[list[Record], list[Record]]:
         from sandlab.data_gen.agreement import filter_by_agreement  # noqa: PLC0415
 
         require_fields(records, "filter", ["solutions"], "run stage=solve on them first")
         return filter_by_agreement(records, self.cfg.data.agreement, self.pool, include_reference=self.cfg.data.solve.include_reference)
 
-    def data_dedup(self, records: list[Record]) -> tuple[list[Record], list[Record]]:
+    def data_dedup(self, records: list[Record], offset: int = 0) -> tuple[list[Record], list[Record]]:
         from sandlab.data_gen.dedup import dedup  # noqa: PLC0415
 
         return dedup(records, self.cfg.data.dedup)
 
-    def data_decontam(self, records: list[Record]) -> tuple[list[Record], list[Record]]:
+    def data_decontam(self, records: list[Record], offset: int = 0) -> tuple[list[Record], list[Record]]:
         from sandlab.data_gen.decontam import decontaminate  # noqa: PLC0415
 
         kept, dropped, report = decontaminate(records, self.cfg.data.decontam, judge=self.teacher if self.cfg.data.decontam.llm_judge else None)
         write_json(self.data_dir / "decontamination_report.json", report)
         return kept, dropped
 
-    def data_export(self, records: list[Record]) -> tuple[list[Record], list[Record]]:
+    def data_export(self, records: list[Record], offset: int = 0) -> tuple[list[Record], list[Record]]:
         from sandlab.data_gen.export import export_sft  # noqa: PLC0415
 
         require_fields(records, "export", ["solution", "answer"], "run the solve and filter stages first")
         return export_sft(records, self.cfg.data.export)
 
-    def _run_data_stage(self, stage: str) -> None:
+    def _stage_inputs(self, stage: str) -> list[Record]:
+        if stage == "generate":
+            from sandlab.data_gen.generate import build_requests  # noqa: PLC0415
+
+            return build_requests(self.cfg.data.generate, self.root, self.cfg.run.seed)
         enabled = [s for s in self.cfg.stages if s in DATA_STAGES]
         previous = enabled[enabled.index(stage) - 1] if enabled.index(stage) > 0 else None
-        records = self._records(previous) if previous else []
-        kept, dropped = getattr(self, f"data_{stage}")(records)
+        if previous is None:
+            return []
+        if not (self.data_dir / f"{previous}.jsonl").exists():
+            raise EmptyDatasetError(f"stage {stage} reads the output of stage {previous}, which has not run in {self.run.path}; run it first")
+        return self._records(previous)
+
+    def _apply_sharded(self, stage: str, records: list[Record]) -> tuple[list[Record], list[Record]]:
+        """Per-record stages run shard by shard; each finished shard is saved atomically, so a killed
+        stage resumes at the first unfinished shard and never redoes or duplicates finished work."""
+        size = self.cfg.data.shard_size
+        fn = getattr(self, f"data_{stage}")
+        if stage not in SHARDED_STAGES or size <= 0 or len(records) <= size:
+            return fn(records)
+        shard_dir = self.data_dir / f"{stage}.shards-{size}"
+        kept: list[Record] = []
+        dropped: list[Record] = []
+        for start in range(0, len(records), size):
+            path = shard_dir / f"{start // size:06d}.json"
+            if path.exists():
+                done = json.loads(path.read_text())
+            else:
+                k, d = fn(records[start : start + size], offset=start)
+                done = {"kept": k, "dropped": d}
+                write_json(path, done)
+            kept += done["kept"]
+            dropped += done["dropped"]
+        return kept, dropped
+
+    def _run_data_stage(self, stage: str) -> None:
+        records = self._stage_inputs(stage)
+        kept, dropped = self._apply_sharded(stage, records)
         if stage == "export" and kept:  # the dataset lands before the stage is marked done
             write_jsonl(self.run.sub("sft") / "train.jsonl", kept)
-        n_in = self.cfg.data.generate.num_problems if stage == "generate" else len(records)
-        self._finish_data_stage(stage, n_in, kept, dropped, STAGE_HINTS[stage])
+        self._finish_data_stage(stage, len(records), kept, dropped, STAGE_HINTS[stage])
+        for shards in self.data_dir.glob(f"{stage}.shards-*"):  # merged into <stage>.jsonl now
+            shutil.rmtree(shards, ignore_errors=True)
 
     def run_single_stage(self, stage: str, input_path: str | None, output_dir: str | None) -> dict[str, Any]:
         """Apply one data stage to a JSONL file of records (``id``, ``problem``, ...): for users who
@@ -157,7 +193,7 @@ class Pipeline:
             raise ConfigError(f"stage={stage} needs output=<dir> for kept.jsonl and dropped.jsonl")
         self.preflight([stage])
         self.run.write_metadata(self.raw_cfg)
-        records: list[Record] = []
+        records: list[Record] = self._stage_inputs("generate") if stage == "generate" else []
         if stage != "generate":
             if not input_path or not Path(input_path).is_file():
                 raise ConfigError(f"stage={stage} needs input=<file.jsonl> with one record per line (got {input_path!r})")
@@ -174,7 +210,7 @@ class Pipeline:
             self.close()
         if stage == "decontam" and (self.data_dir / "decontamination_report.json").exists():
             (self.data_dir / "decontamination_report.json").replace(out / "decontamination_report.json")
-        row = funnel_row(stage, len(records) if stage != "generate" else self.cfg.data.generate.num_problems, kept, dropped)
+        row = funnel_row(stage, len(records), kept, dropped)
         write_jsonl(out / "dropped.jsonl", dropped)
         write_jsonl(out / "kept.jsonl", kept)
         write_json(out / "summary.json", row)
