@@ -231,7 +231,8 @@ class RecipeConfig:
     launcher: LauncherConfig = field(default_factory=LauncherConfig)
 
 
-STAGES = ("generate", "solve", "filter", "dedup", "decontam", "export", "train", "eval", "report")
+DATA_STAGES = ("generate", "solve", "filter", "dedup", "decontam", "export")
+STAGES = (*DATA_STAGES, "train", "eval", "report")
 BACKENDS = ("vllm", "openai", "hf")
 
 

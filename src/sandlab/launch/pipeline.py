@@ -1,8 +1,8 @@
 """Runs a recipe's stages in order inside one run directory; finished stages are skipped on rerun.
 
 generate -> solve -> filter -> dedup -> decontam -> export   (data_gen, teacher backend)
-train                                            (TRL SFT of the student)
-eval -> report                                   (own harness + shared grader)
+train                                                       (TRL SFT of the student)
+eval -> report                                              (own harness + shared grader)
 """
 
 from __future__ import annotations
@@ -19,14 +19,13 @@ from typing import Any
 
 from omegaconf import DictConfig, OmegaConf
 
-from sandlab.config import RecipeConfig, validate_recipe
+from sandlab.config import DATA_STAGES, RecipeConfig, validate_recipe
 from sandlab.errors import ConfigError, EmptyDatasetError, SandlabError
 from sandlab.records import Record, read_jsonl, write_json, write_jsonl
 from sandlab.reporting import funnel_row, plot_funnel, print_results, write_results
 from sandlab.runs import RunDir, repo_root
 
 log = logging.getLogger("sandlab")
-DATA_STAGES = ("generate", "solve", "filter", "dedup", "decontam", "export")
 SHARDED_STAGES = ("generate", "solve", "filter", "export")  # record by record; dedup/decontam are global
 STAGE_HINTS = {
     "generate": "raise data.generate.num_problems or use a stronger teacher",
