@@ -126,6 +126,7 @@ def test_whole_recipe_with_a_teacher_server(tmp_path):
     dropped = [json.loads(line) for line in (run_dir / "data/filter.dropped.jsonl").read_text().splitlines()]
     assert {d["reason"] for d in dropped} == {"disagreement"}
     assert (run_dir / "funnel.png").stat().st_size > 1000
+    assert (run_dir / "distributions.png").stat().st_size > 1000
     assert "| filter | 12 | 9 | 3 | disagreement: 3 |" in (run_dir / "report.md").read_text()
     assert len((run_dir / "eval/tuned/math500/samples.jsonl").read_text().splitlines()) == 2
 
@@ -219,7 +220,7 @@ def test_empty_after_filtering_is_one_line_and_not_marked_done(tmp_path):
         (["teacher.model=/nonexistent/teacher", "stages=[generate]"], "error: teacher.model='/nonexistent/teacher' does not exist"),
         (["model.path=someorg/not-downloaded", "stages=[train]"], "is not in the local Hugging Face cache"),
         (["data=from_file", "data.dataset_path=/nonexistent.jsonl", "stages=[train]"], "data.dataset_path='/nonexistent.jsonl' does not exist"),
-        (["train.learning_rate=fast"], "error: invalid recipe value at train.learning_rate"),
+        (["train.learning_rate=fast"], "error: Error merging override train.learning_rate=fast (Value 'fast' of type 'str' could not be converted to Float)"),
         (["data.generate.prompt=data_gen/prompts/nope.txt", "stages=[generate]"], "prompt file"),
         (["eval.benchmarks=[aime99]", "stages=[eval]", "eval.models=[base]"], "unknown benchmark 'aime99'"),
         (["train.num_processes=3"], "global_batch_size"),

@@ -46,10 +46,17 @@ def test_paper_recipes_have_amd_settings():
         assert r.eval.sampling["aime24"].n == 64 and r.eval.sampling["aime24"].temperature == 0.7
 
 
+def test_wrong_types_and_unknown_keys_fail_at_compose():
+    from hydra.errors import ConfigCompositionException
+
+    for override in ("train.learning_rate=fast", "train.learning_rat=1e-5", "data.dedup.minhash=maybe"):
+        with pytest.raises(ConfigCompositionException):
+            compose_recipe("demo", [override, "run.dir=runs/x"])
+
+
 @pytest.mark.parametrize(
     "overrides, message",
     [
-        (["train.learning_rate=fast"], "train.learning_rate"),
         (["train.num_processes=3"], "global_batch_size"),
         (["stages=[generate,bake]"], "unknown stage"),
         (["teacher.backend=magic"], "teacher.backend"),

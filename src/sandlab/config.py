@@ -125,6 +125,38 @@ class DecontamStage:
 
 
 @dataclass
+class DifficultyStage:
+    """A judge (the teacher backend) rates each problem 1-10 in 0.5 steps, ``ratings`` times, averaged."""
+
+    ratings: int = 3
+    prompt: str = "data_gen/prompts/difficulty.txt"
+    min_difficulty: Optional[float] = None  # e.g. 5.0 keeps only hard problems
+    max_difficulty: Optional[float] = None
+    sampling: SamplingSettings = field(default_factory=lambda: SamplingSettings(n=3, temperature=0.7, top_p=0.95, max_tokens=1024))
+
+
+@dataclass
+class PassRateStage:
+    """The student samples m answers per problem; keep by pass-rate window (strict: 0 < rate < 1)."""
+
+    student: BackendConfig = field(default_factory=BackendConfig)
+    m: int = 8
+    prompt: str = "data_gen/prompts/solve.txt"
+    min_pass_rate: float = 0.0
+    max_pass_rate: float = 1.0
+    strict: bool = True
+    sampling: SamplingSettings = field(default_factory=lambda: SamplingSettings(n=8, temperature=0.7, top_p=0.95, max_tokens=32768))
+
+
+@dataclass
+class NoveltyStage:
+    corpora: list[str] = field(default_factory=list)  # JSONL files with a `problem` field
+    embedding_model: str = "embedded://all-minilm-l6-v2"
+    threshold: float = 0.9
+    batch_size: int = 64
+
+
+@dataclass
 class ExportStage:
     variant: str = "math"
     min_words: int = 0  # AMD kept solutions longer than 500 words
@@ -143,6 +175,9 @@ class DataConfig:
     agreement: AgreementStage = field(default_factory=AgreementStage)
     dedup: DedupStage = field(default_factory=DedupStage)
     decontam: DecontamStage = field(default_factory=DecontamStage)
+    difficulty: DifficultyStage = field(default_factory=DifficultyStage)
+    passrate: PassRateStage = field(default_factory=PassRateStage)
+    novelty: NoveltyStage = field(default_factory=NoveltyStage)
     export: ExportStage = field(default_factory=ExportStage)
 
 
@@ -231,9 +266,21 @@ class RecipeConfig:
     launcher: LauncherConfig = field(default_factory=LauncherConfig)
 
 
-DATA_STAGES = ("generate", "solve", "filter", "dedup", "decontam", "export")
+# difficulty, passrate and novelty are opt-in: add them to a recipe's `stages` (before export).
+DATA_STAGES = ("generate", "solve", "filter", "dedup", "decontam", "difficulty", "passrate", "novelty", "export")
 STAGES = (*DATA_STAGES, "train", "eval", "report")
 BACKENDS = ("vllm", "openai", "hf")
+
+
+def register_schema() -> None:
+    """Make the schema the base of every recipe (recipes/base.yaml lists it first), so Hydra knows
+    every field: any of them can be overridden from the command line and types are checked at compose."""
+    from hydra.core.config_store import ConfigStore  # noqa: PLC0415
+
+    ConfigStore.instance().store(name="recipe_schema", node=RecipeConfig)
+
+
+register_schema()
 
 
 def validate_recipe(cfg: DictConfig) -> RecipeConfig:
@@ -250,7 +297,7 @@ def validate_recipe(cfg: DictConfig) -> RecipeConfig:
     unknown = [s for s in recipe.stages if s not in STAGES]
     if unknown:
         raise ConfigError(f"unknown stage(s) {unknown}; choose from {list(STAGES)}")
-    for where, backend in (("teacher", recipe.teacher), ("eval.backend", recipe.eval.backend)):
+    for where, backend in (("teacher", recipe.teacher), ("eval.backend", recipe.eval.backend), ("data.passrate.student", recipe.data.passrate.student)):
         if backend.backend not in BACKENDS:
             raise ConfigError(f"{where}.backend={backend.backend!r} is not one of {list(BACKENDS)}")
         if backend.backend == "openai" and not backend.base_urls:

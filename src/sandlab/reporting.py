@@ -33,6 +33,34 @@ def plot_funnel(funnel: list[dict[str, Any]], path: Path) -> None:
     plt.close(fig)
 
 
+def plot_distributions(records: list[Record], path: Path) -> bool:
+    """Branch distribution of the final records and, when rated, their difficulty histogram."""
+    import matplotlib  # noqa: PLC0415
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt  # noqa: PLC0415
+
+    if not records:
+        return False
+    branches = Counter((r.get("source") or r).get("branch") or "unknown" for r in records)
+    difficulties = [r["difficulty"] for r in records if isinstance(r.get("difficulty"), (int, float))]
+    panels = 2 if difficulties else 1
+    fig, axes = plt.subplots(1, panels, figsize=(6 * panels, 4))
+    axes = [axes] if panels == 1 else list(axes)
+    names = sorted(branches, key=branches.get, reverse=True)
+    axes[0].barh(names[::-1], [branches[n] for n in names][::-1], color="#55A868")
+    axes[0].set_title("Branch distribution")
+    axes[0].set_xlabel("records")
+    if difficulties:
+        axes[1].hist(difficulties, bins=[x / 2 for x in range(2, 22)], color="#C44E52")
+        axes[1].set_title("Difficulty (judge rating)")
+        axes[1].set_xlabel("rating (1-10)")
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return True
+
+
 def write_results(results: dict[str, dict[str, dict[str, Any]]], funnel: list[dict[str, Any]], run_dir: Path, title: str) -> str:
     """results[model][benchmark] = metrics. Writes results.csv and report.md; returns the markdown."""
     benchmarks = sorted({b for per_model in results.values() for b in per_model})
@@ -51,6 +79,8 @@ def write_results(results: dict[str, dict[str, dict[str, Any]]], funnel: list[di
             reasons = ", ".join(f"{k}: {v}" for k, v in sorted(row["reasons"].items())) or "-"
             lines.append(f"| {row['stage']} | {row['in']} | {row['out']} | {row['dropped']} | {reasons} |")
         lines += ["", "![funnel](funnel.png)", ""]
+        if (run_dir / "distributions.png").exists():
+            lines += ["![distributions](distributions.png)", ""]
     if results:
         lines += ["## Evaluation (pass@1, %)", "", "| model | " + " | ".join(benchmarks) + " |", "|---" * (len(benchmarks) + 1) + "|"]
         for model, per_bench in results.items():

@@ -26,6 +26,8 @@ def make_main(stages: Sequence[str] | None = None, default_recipe: str = "demo")
     from hydra.core.hydra_config import HydraConfig  # noqa: PLC0415
     from omegaconf import DictConfig  # noqa: PLC0415
 
+    import sandlab.config  # noqa: F401, PLC0415 (registers the recipe schema with Hydra)
+
     @hydra.main(config_path=recipes_dir(), config_name=default_recipe, version_base="1.3")
     def app(cfg: DictConfig) -> None:
         from sandlab.launch.pipeline import Pipeline  # noqa: PLC0415
@@ -56,6 +58,8 @@ def precheck_overrides(argv: list[str], default_recipe: str) -> None:
     """
     from hydra import compose, initialize_config_dir  # noqa: PLC0415
 
+    import sandlab.config  # noqa: F401, PLC0415 (registers the recipe schema with Hydra)
+
     config_name, config_dir, overrides, i = default_recipe, recipes_dir(), [], 0
     while i < len(argv):
         arg = argv[i]
@@ -76,6 +80,9 @@ def precheck_overrides(argv: list[str], default_recipe: str) -> None:
     except Exception as exc:  # noqa: BLE001 (any composition error is the user's to fix)
         lines = [ln.strip() for ln in str(exc).splitlines() if ln.strip()]
         lines = [ln for ln in lines if not ln.startswith(("Config search path", "provider=", "In config", "Set the environment"))]
+        cause = str(exc.__cause__).strip().splitlines() if exc.__cause__ else []
+        if cause:  # e.g. "Value 'fast' of type 'str' could not be converted to Float"
+            lines.append(f"({cause[0].strip()})")
         print(f"error: {' '.join(lines)[:500]}", file=sys.stderr)
         sys.exit(2)
 

@@ -22,17 +22,20 @@ from omegaconf import DictConfig, OmegaConf
 from sandlab.config import DATA_STAGES, RecipeConfig, validate_recipe
 from sandlab.errors import ConfigError, EmptyDatasetError, SandlabError
 from sandlab.records import Record, read_jsonl, write_json, write_jsonl
-from sandlab.reporting import funnel_row, plot_funnel, print_results, write_results
+from sandlab.reporting import funnel_row, plot_distributions, plot_funnel, print_results, write_results
 from sandlab.runs import RunDir, repo_root
 
 log = logging.getLogger("sandlab")
-SHARDED_STAGES = ("generate", "solve", "filter", "export")  # record by record; dedup/decontam are global
+SHARDED_STAGES = ("generate", "solve", "filter", "difficulty", "export")  # record by record; the rest are global
 STAGE_HINTS = {
     "generate": "raise data.generate.num_problems or use a stronger teacher",
     "solve": "check the teacher",
     "filter": "raise data.generate.num_problems or lower data.agreement.min_agreement",
     "dedup": "raise data.dedup.threshold",
     "decontam": "check data.decontam thresholds; everything matched a test benchmark",
+    "difficulty": "widen data.difficulty.min_difficulty/max_difficulty",
+    "passrate": "widen data.passrate.min_pass_rate/max_pass_rate",
+    "novelty": "raise data.novelty.threshold",
     "export": "lower data.export.min_words",
 }
 
@@ -132,6 +135,24 @@ class Pipeline:
         kept, dropped, report = decontaminate(records, self.cfg.data.decontam, judge=self.teacher if self.cfg.data.decontam.llm_judge else None)
         write_json(self.data_dir / "decontamination_report.json", report)
         return kept, dropped
+
+    def data_difficulty(self, records: list[Record], offset: int = 0) -> tuple[list[Record], list[Record]]:
+        from sandlab.data_gen.filters import rate_difficulty  # noqa: PLC0415
+
+        return rate_difficulty(self.teacher, records, self.cfg.data.difficulty, self.root, seed_offset=offset)
+
+    def data_passrate(self, records: list[Record], offset: int = 0) -> tuple[list[Record], list[Record]]:
+        from sandlab.data_gen.filters import filter_by_pass_rate  # noqa: PLC0415
+        from sandlab.inference import build_backend  # noqa: PLC0415
+
+        require_fields(records, "passrate", ["answer"], "run the solve and filter stages first")
+        with build_backend(self.cfg.data.passrate.student) as student:
+            return filter_by_pass_rate(student, self.pool, records, self.cfg.data.passrate, self.root, seed_offset=offset)
+
+    def data_novelty(self, records: list[Record], offset: int = 0) -> tuple[list[Record], list[Record]]:
+        from sandlab.data_gen.filters import filter_novelty  # noqa: PLC0415
+
+        return filter_novelty(records, self.cfg.data.novelty)
 
     def data_export(self, records: list[Record], offset: int = 0) -> tuple[list[Record], list[Record]]:
         from sandlab.data_gen.export import export_sft  # noqa: PLC0415
@@ -286,6 +307,11 @@ class Pipeline:
         results = json.loads(results_path.read_text()) if results_path.exists() else {}
         if funnel:
             plot_funnel(funnel, self.run.path / "funnel.png")
+        final = self.data_dir / "export.jsonl"
+        if final.exists():
+            rated = {r["id"]: r.get("difficulty") for r in read_jsonl(self.data_dir / "difficulty.jsonl")} if (self.data_dir / "difficulty.jsonl").exists() else {}
+            rows = [{**r, "difficulty": rated.get(r["id"])} for r in read_jsonl(final)]
+            plot_distributions(rows, self.run.path / "distributions.png")
         write_results(results, funnel, self.run.path, title=f"sandlab run: {self.cfg.recipe}")
         print_results(results, funnel)
         self._log_to_wandb(results, funnel)
@@ -301,15 +327,16 @@ class Pipeline:
                 wandb.run.summary[f"eval/{model}/{bench}/pass@1"] = metrics["pass@1"]
         if funnel:
             wandb.log({"funnel": wandb.Table(columns=["stage", "in", "out", "dropped"], data=[[r["stage"], r["in"], r["out"], r["dropped"]] for r in funnel])})
-            if (self.run.path / "funnel.png").exists():
-                wandb.log({"funnel_plot": wandb.Image(str(self.run.path / "funnel.png"))})
+            for plot in ("funnel", "distributions"):
+                if (self.run.path / f"{plot}.png").exists():
+                    wandb.log({f"{plot}_plot": wandb.Image(str(self.run.path / f"{plot}.png"))})
 
     # ---- driver ------------------------------------------------------------------------------
     def preflight(self, selected: list[str]) -> None:
         """Fail in seconds, not after a model load: paths exist, servers answer, datasets are there."""
         from sandlab.models import resolve_model_path  # noqa: PLC0415
 
-        needs_teacher = any(s in ("generate", "solve") for s in selected) or ("decontam" in selected and self.cfg.data.decontam.llm_judge)
+        needs_teacher = any(s in ("generate", "solve", "difficulty") for s in selected) or ("decontam" in selected and self.cfg.data.decontam.llm_judge)
         if needs_teacher:
             if self.cfg.teacher.backend == "openai":
                 self.teacher.check_health()
