@@ -6,11 +6,10 @@ import json
 import os
 import subprocess
 import sys
-import threading
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
 import pytest
+from chat_stub import ChatStub
 
 from sandlab.data_gen.filters import parse_rating
 
@@ -29,56 +28,21 @@ def test_parse_rating(text, rating):
     assert parse_rating(text) == rating
 
 
-class JudgeAndStudent:
+def judge_and_student(body: dict) -> list[str]:
     """Rates: apples 2, train 5, primes 8, anything else unparseable. Student: always right on apples,
     right on half the samples for the train, never right on the primes."""
-
-    def __init__(self):
-        self.lock, self.calls = threading.Lock(), 0
-        outer = self
-
-        class Handler(BaseHTTPRequestHandler):
-            def log_message(self, *args):
-                pass
-
-            def _send(self, body):
-                data = json.dumps(body).encode()
-                self.send_response(200)
-                self.send_header("Content-Type", "application/json")
-                self.send_header("Content-Length", str(len(data)))
-                self.end_headers()
-                self.wfile.write(data)
-
-            def do_GET(self):  # noqa: N802
-                self._send({"object": "list", "data": [{"id": "m", "object": "model"}]})
-
-            def do_POST(self):  # noqa: N802
-                body = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
-                with outer.lock:
-                    outer.calls += 1
-                prompt, n = body["messages"][0]["content"], body.get("n", 1)
-                if prompt.startswith("Rate the difficulty"):
-                    rating = next((v for k, v in (("apples", "2"), ("train", "5"), ("primes", "8")) if k in prompt), None)
-                    texts = [f"Looks fine.\nRating: {rating}" if rating else "I cannot tell." for _ in range(n)]
-                else:
-                    right = {"apples": ["7"] * n, "train": ["75", "70"] * n, "primes": ["5"] * n}
-                    answers = next((v for k, v in right.items() if k in prompt), ["?"] * n)[:n]
-                    texts = [f"Working... \\boxed{{{a}}}" for a in answers]
-                choices = [{"index": i, "message": {"role": "assistant", "content": t}, "finish_reason": "stop"} for i, t in enumerate(texts)]
-                self._send({"id": "x", "object": "chat.completion", "choices": choices, "usage": {"prompt_tokens": 5, "completion_tokens": 5 * n}})
-
-        self.server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-        self.url = f"http://127.0.0.1:{self.server.server_address[1]}/v1"
-        threading.Thread(target=self.server.serve_forever, daemon=True).start()
-
-    def close(self):
-        self.server.shutdown()
-        self.server.server_close()
+    prompt, n = body["messages"][0]["content"], body.get("n", 1)
+    if prompt.startswith("Rate the difficulty"):
+        rating = next((v for k, v in (("apples", "2"), ("train", "5"), ("primes", "8")) if k in prompt), None)
+        return [f"Looks fine.\nRating: {rating}" if rating else "I cannot tell." for _ in range(n)]
+    right = {"apples": ["7"] * n, "train": ["75", "70"] * n, "primes": ["5"] * n}
+    answers = next((v for k, v in right.items() if k in prompt), ["?"] * n)[:n]
+    return [f"Working... \\boxed{{{a}}}" for a in answers]
 
 
 @pytest.fixture(scope="module")
 def server():
-    s = JudgeAndStudent()
+    s = ChatStub(judge_and_student)
     yield s
     s.close()
 

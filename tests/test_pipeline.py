@@ -8,12 +8,11 @@ import signal
 import socket
 import subprocess
 import sys
-import threading
 import time
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
 import pytest
+from chat_stub import ChatStub
 
 ROOT = Path(__file__).resolve().parents[1]
 SHARED_BENCHMARKS = Path(os.environ.get("SANDLAB_BENCHMARK_DIR") or ROOT.parent / "shared" / "benchmarks")
@@ -50,55 +49,20 @@ PROBLEM_TEMPLATES = [
 ]
 
 
-class ScriptedTeacher:
-    """A real OpenAI-compatible HTTP server that writes problems and solves them like a capable teacher
-    (a model that can do this does not fit on a CPU test runner). Problems of template 3 get
-    disagreeing answers, so the agreement filter has something to drop."""
+def teacher_replies(body: dict) -> list[str]:
+    """A capable teacher: writes an addition word problem (from the request seed) or solves one.
+    Problems of the rectangle template get disagreeing answers, so the agreement filter drops them."""
+    prompt, seed, n = body["messages"][0]["content"], body.get("seed") or 0, body.get("n", 1)
+    if "Write only the problem" in prompt:  # generation, continuing the "<Q>" prefill
+        a, b = seed % 40 + 2, (7 * seed) % 30 + 1
+        return [PROBLEM_TEMPLATES[seed % len(PROBLEM_TEMPLATES)].format(a=a, b=b)]
+    a, b = map(int, re.findall(r"\d+", prompt)[:2])
+    disagree = prompt.startswith("A rectangle")
+    return [f"We add {a} and {b}.\nFinal answer: {a + b + (i if disagree else 0)}" for i in range(n)]
 
-    def __init__(self, delay_s: float = 0.0):
-        teacher = self
-        self.requests = 0
-        self.lock = threading.Lock()
 
-        class Handler(BaseHTTPRequestHandler):
-            def log_message(self, *args):
-                pass
-
-            def _send(self, body):
-                data = json.dumps(body).encode()
-                self.send_response(200)
-                self.send_header("Content-Type", "application/json")
-                self.send_header("Content-Length", str(len(data)))
-                self.end_headers()
-                self.wfile.write(data)
-
-            def do_GET(self):  # noqa: N802
-                self._send({"object": "list", "data": [{"id": "teacher", "object": "model"}]})
-
-            def do_POST(self):  # noqa: N802
-                body = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
-                with teacher.lock:
-                    teacher.requests += 1
-                time.sleep(delay_s)
-                prompt = body["messages"][0]["content"]
-                seed, n = body.get("seed") or 0, body.get("n", 1)
-                if "Write only the problem" in prompt:  # generation, continuing the "<Q>" prefill
-                    a, b = seed % 40 + 2, (7 * seed) % 30 + 1
-                    texts = [PROBLEM_TEMPLATES[seed % len(PROBLEM_TEMPLATES)].format(a=a, b=b)]
-                else:  # solving: add the two numbers of the problem
-                    a, b = map(int, re.findall(r"\d+", prompt)[:2])
-                    disagree = prompt.startswith("A rectangle")
-                    texts = [f"We add {a} and {b}.\nFinal answer: {a + b + (i if disagree else 0)}" for i in range(n)]
-                choices = [{"index": i, "message": {"role": "assistant", "content": t}, "finish_reason": "stop"} for i, t in enumerate(texts)]
-                self._send({"id": "x", "object": "chat.completion", "choices": choices, "usage": {"prompt_tokens": 20, "completion_tokens": 10 * len(texts)}})
-
-        self.server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-        self.url = f"http://127.0.0.1:{self.server.server_address[1]}/v1"
-        threading.Thread(target=self.server.serve_forever, daemon=True).start()
-
-    def close(self):
-        self.server.shutdown()
-        self.server.server_close()
+def ScriptedTeacher(delay_s: float = 0.0) -> ChatStub:  # noqa: N802 (reads like the class it builds)
+    return ChatStub(teacher_replies, delay_s=delay_s)
 
 
 @pytest.mark.skipif(not SHARED_BENCHMARKS.exists(), reason="needs ../shared/benchmarks")
