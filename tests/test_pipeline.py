@@ -219,3 +219,32 @@ def test_bad_trainer_argument_is_one_line(tmp_path, sft_file):
     assert result.returncode == 2
     assert result.stderr.strip().splitlines()[-1].startswith("error: invalid training settings for trl.SFTConfig")
     assert not (tmp_path / "run/stages/train.done").exists()
+
+
+def test_distillation_mode_keeps_traces_that_match_the_reference(tmp_path):
+    """Existing problems with reference answers -> teacher traces -> verified against the reference."""
+    source = tmp_path / "problems.jsonl"
+    problems = [("What is 12 plus 30?", "42"), ("What is 3 times 7?", "21"), ("What is half of 50?", "25")]
+    source.write_text("".join(json.dumps({"id": f"p{i}", "question": q, "gold": a}) + "\n" for i, (q, a) in enumerate(problems)))
+
+    def teacher(body):  # right on the first two problems (once of twice on the second), wrong on the third
+        prompt, n = body["messages"][0]["content"], body.get("n", 1)
+        answers = {"12 plus 30": ["42", "42"], "3 times 7": ["20", "21"], "half of 50": ["24", "26"]}
+        picked = next(v for k, v in answers.items() if k in prompt)
+        return [f"Thinking it through.\nFinal answer: {a}" for a in picked[:n]]
+
+    stub = ChatStub(teacher)
+    run_dir = tmp_path / "run"
+    try:
+        result = run_sandlab("teacher=openai_servers", f"teacher.base_urls=[{stub.url}]", "teacher.model=stub",
+                             f"data.generate.source={source}", "data.generate.problem_field=question", "data.generate.answer_field=gold",
+                             "data.agreement.mode=reference", "data.agreement.min_votes=1", "data.solve.k=2",
+                             "stages=[generate,solve,filter,dedup,export]", f"run.dir={run_dir}", entry=("data_gen/run.py",))
+    finally:
+        stub.close()
+    assert result.returncode == 0, result.stderr[-2000:]
+    sft = [json.loads(line) for line in (run_dir / "sft/train.jsonl").read_text().splitlines()]
+    assert [(r["id"], r["answer"]) for r in sft] == [("p0", "42"), ("p1", "21")]
+    assert sft[1]["completion"][0]["content"].startswith("Thinking it through.\nFinal answer: 21")
+    dropped = [json.loads(line) for line in (run_dir / "data/filter.dropped.jsonl").read_text().splitlines()]
+    assert [(d["id"], d["reason"], d["verified"]) for d in dropped] == [("p2", "reference_mismatch", 0)]

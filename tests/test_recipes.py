@@ -61,6 +61,7 @@ def test_wrong_types_and_unknown_keys_fail_at_compose():
         (["stages=[generate,bake]"], "unknown stage"),
         (["teacher.backend=magic"], "teacher.backend"),
         (["teacher=openai_servers", "teacher.base_urls=[]"], "base_urls"),
+        (["data.agreement.mode=vibes"], "data.agreement.mode"),
     ],
 )
 def test_bad_values_give_one_line_errors(overrides, message):

@@ -70,6 +70,13 @@ class GenerationStage:
     response_prefix: str = ""
     # False: the teacher writes only the problem (<Q>...</Q>); answers come from the solve stage alone.
     reference_solution: bool = True
+    # Distillation mode: take existing problems with reference answers (a JSONL file or a Hub dataset
+    # id) instead of generating them; pair with data.agreement.mode=reference.
+    source: Optional[str] = None
+    source_split: str = "train"
+    problem_field: str = "problem"
+    answer_field: str = "answer"
+    source_limit: Optional[int] = None
     sampling: SamplingSettings = field(default_factory=SamplingSettings)
 
 
@@ -83,6 +90,9 @@ class SolveStage:
 
 @dataclass
 class AgreementStage:
+    # majority: independent answers must agree (seedless SAND); reference: solutions must match the
+    # problem's reference answer (distillation mode, as in AM-DeepSeek-R1-Distilled).
+    mode: str = "majority"
     # Fraction of votes the majority answer needs; 1.0 = unanimity (the SAND setting).
     min_agreement: float = 1.0
     min_votes: int = 2
@@ -309,6 +319,8 @@ def validate_recipe(cfg: DictConfig) -> RecipeConfig:
             f"gradient_accumulation_steps x num_processes = {t.per_device_train_batch_size} x "
             f"{t.gradient_accumulation_steps} x {t.num_processes}; fix one of them"
         )
+    if recipe.data.agreement.mode not in ("majority", "reference"):
+        raise ConfigError(f"data.agreement.mode={recipe.data.agreement.mode!r} is not one of ['majority', 'reference']")
     if not 0 < recipe.data.agreement.min_agreement <= 1:
         raise ConfigError("data.agreement.min_agreement must be in (0, 1]")
     return recipe

@@ -31,6 +31,22 @@ def cluster_answers(answers: list[str], pool: GradingPool) -> list[list[int]]:
     return clusters
 
 
+def filter_by_reference(records: list[Record], cfg: AgreementStage, pool: GradingPool) -> tuple[list[Record], list[Record]]:
+    """Distillation mode: keep a problem when at least ``min_votes`` solutions match its reference
+    answer; the first matching solution becomes the trace."""
+    items = [GradeItem(response=s["text"], gold=str(rec["reference_answer"])) for rec in records for s in rec["solutions"]]
+    grades = iter(pool.grade_many(items, desc="verify against reference"))
+    kept, dropped = [], []
+    for rec in records:
+        matches = [s for s in rec["solutions"] if next(grades).correct]
+        stats = {"verified": len(matches), "total_votes": len(rec["solutions"])}
+        if len(matches) >= cfg.min_votes:
+            kept.append({**rec, **stats, "agreement": len(matches) / len(rec["solutions"]), "answer": str(rec["reference_answer"]), "solution": matches[0]["text"]})
+        else:
+            dropped.append({**rec, **stats, "reason": "reference_mismatch"})
+    return kept, dropped
+
+
 def filter_by_agreement(records: list[Record], cfg: AgreementStage, pool: GradingPool, *, include_reference: bool) -> tuple[list[Record], list[Record]]:
     from tqdm.auto import tqdm  # noqa: PLC0415
 

@@ -36,6 +36,39 @@ def build_requests(cfg: GenerationStage, root: Path, seed: int) -> list[Record]:
     return requests
 
 
+def load_source_problems(cfg: GenerationStage) -> list[Record]:
+    """Distillation mode: existing problems with reference answers from a JSONL file or a Hub dataset."""
+    from sandlab.errors import ConfigError  # noqa: PLC0415
+    from sandlab.records import read_jsonl  # noqa: PLC0415
+
+    source = cfg.source or ""
+    if Path(source).is_file():
+        rows = read_jsonl(source)
+    elif source.startswith((".", "/", "~")) or source.count("/") != 1:
+        raise ConfigError(f"data.generate.source={source!r} does not exist; give a JSONL file or a Hub dataset id")
+    else:
+        try:
+            import datasets  # noqa: PLC0415
+
+            rows = list(datasets.load_dataset(source, split=cfg.source_split))
+        except Exception as exc:  # noqa: BLE001 (offline, missing, gated: same advice)
+            raise ConfigError(f"could not load data.generate.source={source!r} ({type(exc).__name__}); use a local JSONL file") from None
+    records = []
+    for i, row in enumerate(rows[: cfg.source_limit] if cfg.source_limit else rows):
+        if cfg.problem_field not in row or cfg.answer_field not in row:
+            raise ConfigError(f"data.generate.source row {i + 1} lacks {cfg.problem_field!r} or {cfg.answer_field!r}; set data.generate.problem_field/answer_field")
+        problem = str(row[cfg.problem_field])
+        records.append({
+            "id": str(row.get("id") or stable_id("distill", problem)),
+            "domain": cfg.domain,
+            "problem": problem,
+            "reference_answer": str(row[cfg.answer_field]),
+            "reference_solution": None,
+            "source_dataset": source,
+        })
+    return records
+
+
 def parse_problem(text: str, *, reference_solution: bool = True) -> tuple[dict[str, str] | None, str | None]:
     """Return (fields, None) or (None, drop_reason) for one teacher output."""
     final = strip_reasoning(text)

@@ -111,6 +111,8 @@ class Pipeline:
     def data_generate(self, requests: list[Record], offset: int = 0) -> tuple[list[Record], list[Record]]:
         from sandlab.data_gen.generate import generate_problems  # noqa: PLC0415
 
+        if self.cfg.data.generate.source:  # distillation mode: the problems exist already
+            return requests, []
         return generate_problems(self.teacher, requests, self.cfg.data.generate, teacher=self.cfg.teacher.model, seed_offset=offset)
 
     def data_solve(self, records: list[Record], offset: int = 0) -> tuple[list[Record], list[Record]]:
@@ -122,6 +124,11 @@ class Pipeline:
         from sandlab.data_gen.agreement import filter_by_agreement  # noqa: PLC0415
 
         require_fields(records, "filter", ["solutions"], "run stage=solve on them first")
+        if self.cfg.data.agreement.mode == "reference":
+            from sandlab.data_gen.agreement import filter_by_reference  # noqa: PLC0415
+
+            require_fields(records, "filter", ["reference_answer"], "data.agreement.mode=reference needs problems with reference answers")
+            return filter_by_reference(records, self.cfg.data.agreement, self.pool)
         return filter_by_agreement(records, self.cfg.data.agreement, self.pool, include_reference=self.cfg.data.solve.include_reference)
 
     def data_dedup(self, records: list[Record], offset: int = 0) -> tuple[list[Record], list[Record]]:
@@ -162,8 +169,10 @@ class Pipeline:
 
     def _stage_inputs(self, stage: str) -> list[Record]:
         if stage == "generate":
-            from sandlab.data_gen.generate import build_requests  # noqa: PLC0415
+            from sandlab.data_gen.generate import build_requests, load_source_problems  # noqa: PLC0415
 
+            if self.cfg.data.generate.source:
+                return load_source_problems(self.cfg.data.generate)
             return build_requests(self.cfg.data.generate, self.root, self.cfg.run.seed)
         enabled = [s for s in self.cfg.stages if s in DATA_STAGES]
         previous = enabled[enabled.index(stage) - 1] if enabled.index(stage) > 0 else None
