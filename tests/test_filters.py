@@ -83,3 +83,35 @@ def test_novelty_against_an_existing_corpus(tmp_path):
     kept, dropped = run_stage(tmp_path, "novelty", f"data.novelty.corpora=[{corpus}]")
     assert [d["id"] for d in dropped] == ["easy"] and dropped[0]["reason"] == "not_novel" and dropped[0]["similarity"] >= 0.9
     assert [k["id"] for k in kept] == ["mid", "hard", "junk"]
+
+
+def hiking_teacher(body: dict) -> list[str]:
+    """Hikes by appending a twist; solves hiked problem A consistently (answer 12) and B inconsistently."""
+    prompt, n = body["messages"][0]["content"], body.get("n", 1)
+    if "Rewrite it into a NEW, harder problem" in prompt:
+        name = "A" if "apples" in prompt else "B"
+        answer = 12 if name == "A" else 13
+        return [f"<Q>Hiked problem {name}: using the theorem, find the count.</Q><S>Careful work gives \\boxed{{{answer}}}.</S>"]
+    if "Hiked problem A" in prompt:
+        return ["It is 12.\nFinal answer: 12"] * n
+    return [f"Final answer: {10 + i}" for i in range(n)]
+
+
+def test_difficulty_hiking_rewrites_moderate_problems_and_refilters(tmp_path):
+    stub = ChatStub(hiking_teacher)
+    records = [
+        {**RECORDS[0], "difficulty": 4.0, "branch": "number theory"},
+        {**RECORDS[1], "difficulty": 5.5, "branch": "algebra"},
+        {**RECORDS[2], "difficulty": 9.0, "branch": "number theory"},  # already hard: not hiked
+        {**RECORDS[3]},  # unrated: not hiked
+    ]
+    try:
+        kept, dropped = run_stage(tmp_path, "hike", "teacher=openai_servers", f"teacher.base_urls=[{stub.url}]", "teacher.model=m",
+                                  "data.solve.k=2", "data.solve.include_reference=true", "data.agreement.min_agreement=1.0", records=records)
+    finally:
+        stub.close()
+    assert [k["id"] for k in kept[:4]] == ["easy", "mid", "hard", "junk"]  # originals pass through
+    (hiked,) = kept[4:]
+    assert hiked["hiked_from"] == "easy" and hiked["variant"] == "hiked" and hiked["answer"] == "12"
+    assert hiked["theorem"] and hiked["secondary_branch"] != "number theory"
+    assert [(d["hiked_from"], d["reason"]) for d in dropped] == [("mid", "hiked_disagreement")]

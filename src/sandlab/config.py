@@ -146,6 +146,19 @@ class DifficultyStage:
 
 
 @dataclass
+class HikeStage:
+    """Rewrite moderate problems into harder ones by injecting a theorem and a cross-branch concept,
+    then re-solve and re-filter them; verified hiked problems join the data as variant ``hiked``."""
+
+    taxonomy: str = "data_gen/taxonomies/math_theorems.yaml"
+    prompt: str = "data_gen/prompts/hike.txt"
+    # Problems with a difficulty rating inside this window are hiked (unrated ones are not).
+    min_difficulty: float = 3.0
+    max_difficulty: float = 6.0
+    sampling: SamplingSettings = field(default_factory=lambda: SamplingSettings(temperature=0.8, top_p=0.95, max_tokens=16384))
+
+
+@dataclass
 class PassRateStage:
     """The student samples m answers per problem; keep by pass-rate window (strict: 0 < rate < 1)."""
 
@@ -186,6 +199,7 @@ class DataConfig:
     dedup: DedupStage = field(default_factory=DedupStage)
     decontam: DecontamStage = field(default_factory=DecontamStage)
     difficulty: DifficultyStage = field(default_factory=DifficultyStage)
+    hike: HikeStage = field(default_factory=HikeStage)
     passrate: PassRateStage = field(default_factory=PassRateStage)
     novelty: NoveltyStage = field(default_factory=NoveltyStage)
     export: ExportStage = field(default_factory=ExportStage)
@@ -276,8 +290,8 @@ class RecipeConfig:
     launcher: LauncherConfig = field(default_factory=LauncherConfig)
 
 
-# difficulty, passrate and novelty are opt-in: add them to a recipe's `stages` (before export).
-DATA_STAGES = ("generate", "solve", "filter", "dedup", "decontam", "difficulty", "passrate", "novelty", "export")
+# difficulty, hike, passrate and novelty are opt-in: add them to a recipe's `stages` (before export).
+DATA_STAGES = ("generate", "solve", "filter", "dedup", "decontam", "difficulty", "hike", "passrate", "novelty", "export")
 STAGES = (*DATA_STAGES, "train", "eval", "report")
 BACKENDS = ("vllm", "openai", "hf")
 

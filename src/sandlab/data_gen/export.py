@@ -17,7 +17,7 @@ def to_sft_example(rec: Record, cfg: ExportStage) -> Record:
     prompt.append({"role": "user", "content": rec["problem"]})
     return {
         "id": rec["id"],
-        "variant": cfg.variant,
+        "variant": rec.get("variant") or cfg.variant,
         "prompt": prompt,
         "completion": [{"role": "assistant", "content": solution}],
         "answer": rec["answer"],

@@ -34,6 +34,7 @@ STAGE_HINTS = {
     "dedup": "raise data.dedup.threshold",
     "decontam": "check data.decontam thresholds; everything matched a test benchmark",
     "difficulty": "widen data.difficulty.min_difficulty/max_difficulty",
+    "hike": "check the teacher",
     "passrate": "widen data.passrate.min_pass_rate/max_pass_rate",
     "novelty": "raise data.novelty.threshold",
     "export": "lower data.export.min_words",
@@ -147,6 +148,12 @@ class Pipeline:
         from sandlab.data_gen.filters import rate_difficulty  # noqa: PLC0415
 
         return rate_difficulty(self.teacher, records, self.cfg.data.difficulty, self.root, seed_offset=offset)
+
+    def data_hike(self, records: list[Record], offset: int = 0) -> tuple[list[Record], list[Record]]:
+        from sandlab.data_gen.hike import hike_problems  # noqa: PLC0415
+
+        d = self.cfg.data
+        return hike_problems(self.teacher, self.pool, records, d.hike, d.solve, d.agreement, self.root, seed=self.cfg.run.seed, teacher=self.cfg.teacher.model)
 
     def data_passrate(self, records: list[Record], offset: int = 0) -> tuple[list[Record], list[Record]]:
         from sandlab.data_gen.filters import filter_by_pass_rate  # noqa: PLC0415
@@ -345,7 +352,7 @@ class Pipeline:
         """Fail in seconds, not after a model load: paths exist, servers answer, datasets are there."""
         from sandlab.models import resolve_model_path  # noqa: PLC0415
 
-        needs_teacher = any(s in ("generate", "solve", "difficulty") for s in selected) or ("decontam" in selected and self.cfg.data.decontam.llm_judge)
+        needs_teacher = any(s in ("generate", "solve", "difficulty", "hike") for s in selected) or ("decontam" in selected and self.cfg.data.decontam.llm_judge)
         if needs_teacher:
             if self.cfg.teacher.backend == "openai":
                 self.teacher.check_health()
