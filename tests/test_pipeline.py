@@ -91,7 +91,12 @@ def test_whole_recipe_with_a_teacher_server(tmp_path):
     assert {d["reason"] for d in dropped} == {"disagreement"}
     assert (run_dir / "funnel.png").stat().st_size > 1000
     assert (run_dir / "distributions.png").stat().st_size > 1000
-    assert "| filter | 12 | 9 | 3 | disagreement: 3 |" in (run_dir / "report.md").read_text()
+    report = (run_dir / "report.md").read_text()
+    assert "| filter | 12 | 9 | 3 | disagreement: 3 |" in report
+    # The stub reports 10 completion tokens per sample: 12 problems + 12 x 3 solutions.
+    assert funnel["generate"]["teacher_tokens"] == 120 and funnel["solve"]["teacher_tokens"] == 360
+    accepted = funnel["export"]["out"]
+    assert f"Throughput: {accepted} accepted problems, 480 teacher tokens ({480 / accepted:,.0f} per accepted problem)" in report
     assert len((run_dir / "eval/tuned/math500/samples.jsonl").read_text().splitlines()) == 2
 
 

@@ -10,8 +10,37 @@ from typing import Any
 from sandlab.records import Record
 
 
-def funnel_row(stage: str, n_in: int, kept: list[Record], dropped: list[Record]) -> dict[str, Any]:
-    return {"stage": stage, "in": n_in, "out": len(kept), "dropped": len(dropped), "reasons": dict(Counter(d.get("reason", "unknown") for d in dropped))}
+def teacher_tokens(stage: str, kept: list[Record], dropped: list[Record]) -> int:
+    """Teacher output tokens spent by the stage that produced them (counted once, not per stage)."""
+    if stage == "generate":
+        return sum((r.get("generation_usage") or {}).get("completion_tokens", 0) for r in kept) + sum(d.get("completion_tokens", 0) for d in dropped)
+    if stage == "solve":
+        return sum(s.get("completion_tokens", 0) for r in kept for s in r.get("solutions", []))
+    return 0
+
+
+def funnel_row(stage: str, n_in: int, kept: list[Record], dropped: list[Record], seconds: float | None = None) -> dict[str, Any]:
+    row = {"stage": stage, "in": n_in, "out": len(kept), "dropped": len(dropped), "reasons": dict(Counter(d.get("reason", "unknown") for d in dropped))}
+    row["teacher_tokens"] = teacher_tokens(stage, kept, dropped)
+    if seconds is not None:
+        row["seconds"] = round(seconds, 2)
+    return row
+
+
+def throughput(funnel: list[dict[str, Any]]) -> dict[str, float] | None:
+    """Accepted problems per hour and teacher tokens per accepted problem over the data stages."""
+    if not funnel:
+        return None
+    accepted = funnel[-1]["out"]
+    tokens = sum(r.get("teacher_tokens", 0) for r in funnel)
+    seconds = sum(r.get("seconds", 0.0) for r in funnel)
+    return {
+        "accepted": accepted,
+        "teacher_tokens": tokens,
+        "teacher_tokens_per_accepted": tokens / accepted if accepted else float("nan"),
+        "accepted_per_hour": 3600.0 * accepted / seconds if seconds else float("nan"),
+        "data_seconds": seconds,
+    }
 
 
 def plot_funnel(funnel: list[dict[str, Any]], path: Path) -> None:
@@ -78,7 +107,10 @@ def write_results(results: dict[str, dict[str, dict[str, Any]]], funnel: list[di
         for row in funnel:
             reasons = ", ".join(f"{k}: {v}" for k, v in sorted(row["reasons"].items())) or "-"
             lines.append(f"| {row['stage']} | {row['in']} | {row['out']} | {row['dropped']} | {reasons} |")
-        lines += ["", "![funnel](funnel.png)", ""]
+        tp = throughput(funnel)
+        lines += ["", f"Throughput: {tp['accepted']} accepted problems, {tp['teacher_tokens']:,} teacher tokens "
+                  f"({tp['teacher_tokens_per_accepted']:,.0f} per accepted problem), {tp['accepted_per_hour']:,.0f} accepted problems/hour "
+                  f"over {tp['data_seconds']:.0f} s of data stages.", "", "![funnel](funnel.png)", ""]
         if (run_dir / "distributions.png").exists():
             lines += ["![distributions](distributions.png)", ""]
     if results:

@@ -14,6 +14,7 @@ import os
 import shutil
 import subprocess
 import sys
+import time
 from pathlib import Path
 from typing import Any
 
@@ -22,7 +23,7 @@ from omegaconf import DictConfig, OmegaConf
 from sandlab.config import DATA_STAGES, RecipeConfig, validate_recipe
 from sandlab.errors import ConfigError, EmptyDatasetError, SandlabError
 from sandlab.records import Record, read_jsonl, write_json, write_jsonl
-from sandlab.reporting import funnel_row, plot_distributions, plot_funnel, print_results, write_results
+from sandlab.reporting import funnel_row, plot_distributions, plot_funnel, print_results, throughput, write_results
 from sandlab.runs import RunDir, repo_root
 
 log = logging.getLogger("sandlab")
@@ -91,8 +92,8 @@ class Pipeline:
     def _records(self, stage: str) -> list[Record]:
         return read_jsonl(self.data_dir / f"{stage}.jsonl")
 
-    def _finish_data_stage(self, stage: str, n_in: int, kept: list[Record], dropped: list[Record], hint: str) -> None:
-        row = funnel_row(stage, n_in, kept, dropped)
+    def _finish_data_stage(self, stage: str, n_in: int, kept: list[Record], dropped: list[Record], hint: str, seconds: float | None = None) -> None:
+        row = funnel_row(stage, n_in, kept, dropped, seconds)
         log.info("%s: %d in, %d kept, %d dropped %s", stage, n_in, len(kept), len(dropped), row["reasons"])
         # Dropped records are written even when the stage fails: they say why everything was dropped.
         write_jsonl(self.data_dir / f"{stage}.dropped.jsonl", dropped)
@@ -212,11 +213,12 @@ class Pipeline:
         return kept, dropped
 
     def _run_data_stage(self, stage: str) -> None:
+        start = time.monotonic()
         records = self._stage_inputs(stage)
         kept, dropped = self._apply_sharded(stage, records)
         if stage == "export" and kept:  # the dataset lands before the stage is marked done
             write_jsonl(self.run.sub("sft") / "train.jsonl", kept)
-        self._finish_data_stage(stage, len(records), kept, dropped, STAGE_HINTS[stage])
+        self._finish_data_stage(stage, len(records), kept, dropped, STAGE_HINTS[stage], seconds=time.monotonic() - start)
         for shards in self.data_dir.glob(f"{stage}.shards-*"):  # merged into <stage>.jsonl now
             shutil.rmtree(shards, ignore_errors=True)
 
@@ -341,6 +343,8 @@ class Pipeline:
         for model, per_bench in results.items():
             for bench, metrics in per_bench.items():
                 wandb.run.summary[f"eval/{model}/{bench}/pass@1"] = metrics["pass@1"]
+        for key, value in (throughput(funnel) or {}).items():
+            wandb.run.summary[f"data/{key}"] = value
         if funnel:
             wandb.log({"funnel": wandb.Table(columns=["stage", "in", "out", "dropped"], data=[[r["stage"], r["in"], r["out"], r["dropped"]] for r in funnel])})
             for plot in ("funnel", "distributions"):
