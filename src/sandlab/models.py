@@ -127,6 +127,11 @@ def prepare_tiny_model(dest: Path | None = None, *, seed: int = 0) -> Path:
 EMBEDDED = {SMOLLM2: prepare_smollm2, TINY: prepare_tiny_model, MINILM: lambda: minilm_path()}
 
 
+def looks_like_local_path(spec: str) -> bool:
+    """Hub ids are exactly ``org/name``; anything else (absolute, relative, deeper) is a local path."""
+    return spec.startswith((".", "/", "~")) or spec.count("/") != 1
+
+
 def resolve_model_path(spec: str, *, what: str = "model.path") -> str:
     """Turn a recipe's model spec into something transformers/vLLM can load, or fail with one line."""
     if spec.startswith(EMBEDDED_PREFIX):
@@ -139,8 +144,7 @@ def resolve_model_path(spec: str, *, what: str = "model.path") -> str:
         if path.is_dir() and not (path / "config.json").exists() and not (path / "modules.json").exists():
             raise ConfigError(f"{what}={spec!r} is a directory without config.json; point it at a model checkpoint")
         return str(path.resolve())
-    looks_local = spec.startswith((".", "/", "~")) or spec.count("/") != 1
-    if looks_local:
+    if looks_like_local_path(spec):
         raise ConfigError(f"{what}={spec!r} does not exist; give an existing checkpoint directory or a Hub id (org/name)")
     if os.environ.get("HF_HUB_OFFLINE", "0") not in ("0", "", "false", "False"):
         from huggingface_hub import try_to_load_from_cache  # noqa: PLC0415

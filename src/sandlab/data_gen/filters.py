@@ -20,7 +20,7 @@ from sandlab.data_gen.prompts import load_prompt
 from sandlab.embeddings import embed
 from sandlab.errors import ConfigError
 from sandlab.grading import GradeItem, GradingPool
-from sandlab.inference.base import ChatBackend, SamplingConfig
+from sandlab.inference.base import ChatBackend, sampling_from
 from sandlab.records import Record, read_jsonl
 
 _RATING = re.compile(r"rating\s*[:=]\s*\**\s*(\d+(?:\.\d+)?)", re.IGNORECASE)
@@ -41,9 +41,7 @@ def _in_window(value: float, low: float | None, high: float | None) -> bool:
 
 def rate_difficulty(backend: ChatBackend, records: list[Record], cfg: DifficultyStage, root: Path, *, seed_offset: int = 0) -> tuple[list[Record], list[Record]]:
     template = load_prompt(root / cfg.prompt, "data.difficulty.prompt", problem="")
-    sampling = SamplingConfig(**{**vars(cfg.sampling), "n": cfg.ratings})
-    if sampling.seed is not None:
-        sampling.seed += seed_offset
+    sampling = sampling_from(cfg.sampling, n=cfg.ratings, offset=seed_offset)
     outputs = backend.generate([[{"role": "user", "content": template.format(problem=r["problem"])}] for r in records], sampling, desc="rate difficulty")
     kept, dropped = [], []
     for rec, completions in zip(records, outputs):
@@ -63,9 +61,7 @@ def filter_by_pass_rate(
     student: ChatBackend, pool: GradingPool, records: list[Record], cfg: PassRateStage, root: Path, *, seed_offset: int = 0
 ) -> tuple[list[Record], list[Record]]:
     template = load_prompt(root / cfg.prompt, "data.passrate.prompt", problem="")
-    sampling = SamplingConfig(**{**vars(cfg.sampling), "n": cfg.m})
-    if sampling.seed is not None:
-        sampling.seed += seed_offset
+    sampling = sampling_from(cfg.sampling, n=cfg.m, offset=seed_offset)
     outputs = student.generate([[{"role": "user", "content": template.format(problem=r["problem"])}] for r in records], sampling, desc=f"student x{cfg.m}")
     items = [GradeItem(response=c.text if c.ok else "", gold=str(rec["answer"])) for rec, comps in zip(records, outputs) for c in comps]
     grades = pool.grade_many(items, desc="grade student")

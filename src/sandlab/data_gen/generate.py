@@ -10,7 +10,7 @@ from sandlab.config import GenerationStage
 from sandlab.data_gen.prompts import load_prompt
 from sandlab.data_gen.taxonomy import Taxonomy
 from sandlab.grading import extract_math_answer, strip_reasoning
-from sandlab.inference.base import ChatBackend, SamplingConfig
+from sandlab.inference.base import ChatBackend, sampling_from
 from sandlab.records import Record, stable_id
 
 QUESTION_RE = re.compile(r"<Q>(.*?)(?:</Q>|(?=<S>))", re.S)
@@ -39,12 +39,13 @@ def build_requests(cfg: GenerationStage, root: Path, seed: int) -> list[Record]:
 def load_source_problems(cfg: GenerationStage) -> list[Record]:
     """Distillation mode: existing problems with reference answers from a JSONL file or a Hub dataset."""
     from sandlab.errors import ConfigError  # noqa: PLC0415
+    from sandlab.models import looks_like_local_path  # noqa: PLC0415
     from sandlab.records import read_jsonl  # noqa: PLC0415
 
     source = cfg.source or ""
     if Path(source).is_file():
         rows = read_jsonl(source)
-    elif source.startswith((".", "/", "~")) or source.count("/") != 1:
+    elif looks_like_local_path(source):
         raise ConfigError(f"data.generate.source={source!r} does not exist; give a JSONL file or a Hub dataset id")
     else:
         try:
@@ -99,9 +100,7 @@ def generate_problems(
         if cfg.response_prefix:
             conv.append({"role": "assistant", "content": cfg.response_prefix})
         conversations.append(conv)
-    sampling = SamplingConfig(**{**vars(cfg.sampling), "n": 1})
-    if sampling.seed is not None:
-        sampling.seed += seed_offset
+    sampling = sampling_from(cfg.sampling, n=1, offset=seed_offset)
     outputs = backend.generate(conversations, sampling, desc="generate problems")
     kept, dropped = [], []
     for req, (completion,) in zip(requests, outputs):

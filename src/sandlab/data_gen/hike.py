@@ -16,7 +16,7 @@ from sandlab.data_gen.prompts import load_prompt
 from sandlab.data_gen.solve import solve_problems
 from sandlab.errors import ConfigError
 from sandlab.grading import GradingPool
-from sandlab.inference.base import ChatBackend, SamplingConfig
+from sandlab.inference.base import ChatBackend, sampling_from
 from sandlab.records import Record, stable_id
 
 
@@ -48,7 +48,7 @@ def hike_problems(
         secondary = rng.choice([b for b in sorted(taxonomy) if b != branch])
         prompt = template.format(problem=rec["problem"], theorem=theorem, branch=branch, topic=topic, secondary=secondary)
         requests.append((rec, {"theorem": theorem, "topic": topic, "secondary_branch": secondary}, prompt))
-    sampling = SamplingConfig(**{**vars(cfg.sampling), "n": 1})
+    sampling = sampling_from(cfg.sampling, n=1)
     outputs = backend.generate([[{"role": "user", "content": p}] for _, _, p in requests], sampling, desc="hike problems")
     hiked, failed = [], []
     for (rec, injected, _), (completion,) in zip(requests, outputs):

@@ -7,16 +7,14 @@ from pathlib import Path
 from sandlab.config import SolveStage
 from sandlab.data_gen.prompts import load_prompt
 from sandlab.grading import extract_math_answer
-from sandlab.inference.base import ChatBackend, SamplingConfig
+from sandlab.inference.base import ChatBackend, sampling_from
 from sandlab.records import Record
 
 
 def solve_problems(backend: ChatBackend, problems: list[Record], cfg: SolveStage, root: Path, *, seed_offset: int = 0) -> list[Record]:
     template = load_prompt(root / cfg.prompt, "data.solve.prompt", problem="")
     conversations = [[{"role": "user", "content": template.format(problem=p["problem"])}] for p in problems]
-    sampling = SamplingConfig(**{**vars(cfg.sampling), "n": cfg.k})
-    if sampling.seed is not None:
-        sampling.seed += seed_offset
+    sampling = sampling_from(cfg.sampling, n=cfg.k, offset=seed_offset)
     outputs = backend.generate(conversations, sampling, desc=f"solve x{cfg.k}")
     solved = []
     for problem, completions in zip(problems, outputs):

@@ -36,6 +36,14 @@ def request_seed(sampling: SamplingConfig, index: int) -> int | None:
     return None if sampling.seed is None else sampling.seed + index
 
 
+def sampling_from(settings: object, *, n: int, offset: int = 0) -> SamplingConfig:
+    """A SamplingConfig from recipe settings, with ``n`` samples and the base seed moved by ``offset``
+    (the position of the batch's first record in its stage), so sharded runs sample like whole ones."""
+    sampling = SamplingConfig(**{**vars(settings), "n": n})
+    sampling.seed = request_seed(sampling, offset)
+    return sampling
+
+
 @dataclass
 class Completion:
     text: str

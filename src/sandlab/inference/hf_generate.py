@@ -10,6 +10,7 @@ from typing import Any
 
 from sandlab.errors import BackendUnavailableError
 from sandlab.inference.base import ChatBackend, Completion, Conversation, SamplingConfig
+from sandlab.models import looks_like_local_path
 
 log = logging.getLogger(__name__)
 
@@ -41,7 +42,7 @@ class TransformersBackend(ChatBackend):
         from transformers import AutoModelForCausalLM, AutoTokenizer  # noqa: PLC0415
 
         path = Path(model).expanduser()
-        looks_local = model.startswith((".", "/", "~")) or model.count("/") != 1
+        looks_local = looks_like_local_path(model)
         if looks_local and not path.exists():
             raise BackendUnavailableError(
                 f"model path {model!r} does not exist; point the backend's model at a checkpoint directory or a Hub id"

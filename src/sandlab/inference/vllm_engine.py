@@ -27,6 +27,7 @@ from typing import Any
 
 from sandlab.errors import BackendUnavailableError
 from sandlab.inference.base import ChatBackend, Completion, Conversation, SamplingConfig, request_seed
+from sandlab.models import looks_like_local_path
 
 log = logging.getLogger(__name__)
 
@@ -56,7 +57,7 @@ def _error_completions(n: int, message: str) -> list[Completion]:
 
 def _check_local_path(model: str, chat_template: str | None) -> None:
     path = Path(model).expanduser()
-    looks_local = model.startswith((".", "/", "~")) or model.count("/") != 1
+    looks_local = looks_like_local_path(model)
     if looks_local and not path.exists():
         raise BackendUnavailableError(
             f"vLLM model path {model!r} does not exist; point the backend's model at a checkpoint directory or a Hub id"

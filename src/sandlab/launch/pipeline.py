@@ -354,7 +354,7 @@ class Pipeline:
     # ---- driver ------------------------------------------------------------------------------
     def preflight(self, selected: list[str]) -> None:
         """Fail in seconds, not after a model load: paths exist, servers answer, datasets are there."""
-        from sandlab.models import resolve_model_path  # noqa: PLC0415
+        from sandlab.models import looks_like_local_path, resolve_model_path  # noqa: PLC0415
 
         needs_teacher = any(s in ("generate", "solve", "difficulty", "hike") for s in selected) or ("decontam" in selected and self.cfg.data.decontam.llm_judge)
         if needs_teacher:
@@ -366,7 +366,7 @@ class Pipeline:
             resolve_model_path(self.cfg.model.path, what="model.path")
         if self.cfg.data.dataset_path and "train" in selected:
             path = self.cfg.data.dataset_path
-            if not Path(path).exists() and (path.startswith((".", "/", "~")) or path.count("/") != 1):
+            if not Path(path).exists() and looks_like_local_path(path):
                 raise EmptyDatasetError(f"data.dataset_path={path!r} does not exist; give a JSONL file/dir or a Hub dataset id")
         template = self._path(self.cfg.model.chat_template)
         if template and not Path(template).is_file():
