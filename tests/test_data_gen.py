@@ -179,3 +179,22 @@ def test_embedding_dedup_ivf_path_keeps_first_of_each_group():
     kept, dropped = dedup(records, cfg, vectors=vectors)
     assert len(kept) == 3000
     assert sorted((int(d["id"]), int(d["duplicate_of"])) for d in dropped) == sorted((3000 + c, int(o)) for c, o in enumerate(copies_of))
+
+
+def test_novelty_ivf_path_drops_near_copies_of_a_large_corpus():
+    """A corpus above ivf_min_records goes through the IVF index; planted near-copies are caught,
+    fresh problems are kept, and each drop names its nearest corpus item."""
+    from sandlab.config import NoveltyStage
+    from sandlab.data_gen.filters import filter_novelty
+
+    rng = np.random.default_rng(1)
+    corpus = rng.normal(size=(5000, 32)).astype(np.float32)
+    corpus /= np.linalg.norm(corpus, axis=1, keepdims=True)
+    copied = rng.choice(5000, size=50, replace=False)
+    queries = np.concatenate([corpus[copied] + 0.01 * rng.normal(size=(50, 32)), rng.normal(size=(50, 32))]).astype(np.float32)
+    queries /= np.linalg.norm(queries, axis=1, keepdims=True)
+    records = [{"id": f"q{i}", "problem": f"problem {i}"} for i in range(100)]
+    cfg = NoveltyStage(threshold=0.95, ivf_min_records=1000, nprobe=16)
+    kept, dropped = filter_novelty(records, cfg, corpus_vectors=corpus, vectors=queries)
+    assert [r["id"] for r in kept] == [f"q{i}" for i in range(50, 100)]
+    assert [d["nearest_corpus_index"] for d in dropped] == [int(c) for c in copied]

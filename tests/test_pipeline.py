@@ -139,6 +139,51 @@ def test_sigkill_midway_then_rerun_equals_uninterrupted_run(tmp_path):
     assert not shards.exists()  # merged into data/solve.jsonl
 
 
+def test_partitions_as_slurm_array_tasks_merge_into_the_whole_run(tmp_path):
+    """Two array tasks each run generate/solve/filter on their slice of the requests; a merge run with
+    the same run.dir collects them and runs the rest. The result equals an unpartitioned run's."""
+    teacher = ScriptedTeacher()
+    common = ["teacher=openai_servers", f"teacher.base_urls=[{teacher.url}]", "teacher.model=teacher", "data.generate.num_problems=10",
+              "stages=[generate,solve,filter,dedup,export]"]
+    entry = ("data_gen/run.py",)
+    parted = tmp_path / "parted"
+    try:
+        whole = run_sandlab(*common, f"run.dir={tmp_path / 'whole'}", entry=entry)
+        assert whole.returncode == 0, whole.stderr[-2000:]
+        first = run_sandlab(*common, "data.partition.count=2", "data.partition.index=0", f"run.dir={parted}", entry=entry)
+        assert first.returncode == 0, first.stderr[-2000:]
+        early = run_sandlab(*common, "data.partition.count=2", f"run.dir={parted}", entry=entry)
+        assert early.returncode == 2 and "partition(s) [1] of 2 have not finished it" in early.stderr.strip().splitlines()[-1]
+        second = run_sandlab(*common, "data.partition.count=2", "data.partition.index=1", f"run.dir={parted}", entry=entry)
+        assert second.returncode == 0, second.stderr[-2000:]
+        merge = run_sandlab(*common, "data.partition.count=2", f"run.dir={parted}", entry=entry)
+        assert merge.returncode == 0, merge.stderr[-2000:]
+    finally:
+        teacher.close()
+    part0 = [json.loads(line)["id"] for line in (parted / "partitions/00000-of-00002/data/generate.jsonl").read_text().splitlines()]
+    assert len(part0) == 5 and not (parted / "partitions/00000-of-00002/stages/dedup.done").exists()
+    for name in ("data/generate.jsonl", "data/filter.jsonl", "sft/train.jsonl"):
+        assert (parted / name).read_text() == (tmp_path / "whole" / name).read_text(), name
+    merged = json.loads((parted / "stages/filter.done").read_text())
+    whole_row = json.loads((tmp_path / "whole/stages/filter.done").read_text())
+    assert (merged["in"], merged["out"], merged["reasons"]) == (whole_row["in"], whole_row["out"], whole_row["reasons"])
+
+
+def test_rerun_refuses_to_skip_stages_that_ran_with_other_settings(tmp_path):
+    teacher = ScriptedTeacher()
+    common = ["teacher=openai_servers", f"teacher.base_urls=[{teacher.url}]", "teacher.model=teacher", "data.generate.num_problems=4",
+              "stages=[generate,solve]", f"run.dir={tmp_path}"]
+    try:
+        assert run_sandlab(*common, entry=("data_gen/run.py",)).returncode == 0
+        same = run_sandlab(*common, "teacher.max_concurrency=3", entry=("data_gen/run.py",))  # transport settings do not matter
+        changed = run_sandlab(*common, "data.solve.k=4", entry=("data_gen/run.py",))
+    finally:
+        teacher.close()
+    assert same.returncode == 0 and "solve: already done" in same.stdout
+    assert changed.returncode == 2
+    assert changed.stderr.strip().splitlines()[-1].startswith("error: stage solve already ran in") and "(data.solve.k: 3 -> 4" in changed.stderr
+
+
 def free_port():
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))

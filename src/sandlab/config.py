@@ -63,6 +63,9 @@ class SamplingSettings:
 @dataclass
 class GenerationStage:
     num_problems: int = 8
+    # math: single-numerical-answer problems; mcq: PhD-level A-D questions (science); general:
+    # open-ended user requests from a domain -> topic -> task taxonomy (LuminaSFT-style).
+    style: str = "math"
     domain: str = "math"
     taxonomy: str = "data_gen/taxonomies/math.yaml"
     prompt: str = "data_gen/prompts/math_problem.txt"
@@ -91,13 +94,22 @@ class SolveStage:
 @dataclass
 class AgreementStage:
     # majority: independent answers must agree (seedless SAND); reference: solutions must match the
-    # problem's reference answer (distillation mode, as in AM-DeepSeek-R1-Distilled).
+    # problem's reference answer (distillation mode, as in AM-DeepSeek-R1-Distilled); single:
+    # open-ended tasks with no answer to agree on keep their first complete response.
     mode: str = "majority"
     # Fraction of votes the majority answer needs; 1.0 = unanimity (the SAND setting).
     min_agreement: float = 1.0
     min_votes: int = 2
-    # SAND problems have a single numerical answer: drop items whose agreed answer is not a number.
+    # SAND problems have a single numerical answer: drop math items whose agreed answer is not a number.
     require_numeric: bool = True
+    # The teacher acts as judge where the grader cannot: it reads off the final answer of a complete
+    # solution with no extractable answer, and decides whether two textual answers (which math-verify
+    # cannot parse) say the same thing.
+    llm_judge: bool = False
+    judge_prompt: str = "data_gen/prompts/judge_answer.txt"
+    judge_equivalence_prompt: str = "data_gen/prompts/judge_equivalence.txt"
+    # Room for a reasoning teacher to think before it answers.
+    judge_sampling: SamplingSettings = field(default_factory=lambda: SamplingSettings(temperature=0.0, max_tokens=4096))
 
 
 @dataclass
@@ -177,6 +189,8 @@ class NoveltyStage:
     embedding_model: str = "embedded://all-minilm-l6-v2"
     threshold: float = 0.9
     batch_size: int = 64
+    ivf_min_records: int = 20000  # exact faiss search over corpora below this size, IVF above
+    nprobe: int = 8
 
 
 @dataclass
@@ -187,12 +201,30 @@ class ExportStage:
 
 
 @dataclass
+class PartitionSettings:
+    """Split the per-record data stages (the recipe's leading generate/solve/filter/difficulty) over
+    independent jobs, e.g. one per Slurm array task (slurm/data_array.sbatch):
+    ``data.partition.count=$SLURM_ARRAY_TASK_COUNT data.partition.index=$SLURM_ARRAY_TASK_ID``.
+    Each task works in ``<run.dir>/partitions/<index>-of-<count>/``; a later run with the same
+    ``run.dir`` and no index merges the finished partitions and runs the remaining stages."""
+
+    count: int = 1
+    index: Optional[int] = None
+
+
+@dataclass
 class DataConfig:
     name: str = "demo_math"
     # Use an existing SFT dataset (JSONL file/dir or Hub id) instead of generating one.
     dataset_path: Optional[str] = None
+    # Further SFT datasets (JSONL file/dir or Hub id) trained on together with the first one, e.g. the
+    # science and hiked exports beside the math one for SAND-MathScience.
+    mix: list[str] = field(default_factory=list)
+    # Train only on rows of these variants (math, science, hiked, general); empty: all rows.
+    variants: list[str] = field(default_factory=list)
     # Records per saved shard in per-record stages: a killed run resumes at the first unfinished shard.
     shard_size: int = 256
+    partition: PartitionSettings = field(default_factory=PartitionSettings)
     generate: GenerationStage = field(default_factory=GenerationStage)
     solve: SolveStage = field(default_factory=SolveStage)
     agreement: AgreementStage = field(default_factory=AgreementStage)
@@ -227,6 +259,11 @@ class TrainConfig:
     logging_steps: int = 1
     accelerate_config: str = "accelerate_configs/zero3.yaml"
     use_cpu: bool = False
+    # LoRA (small-model recipes): r > 0 trains adapters on the target modules; the final checkpoint is merged.
+    lora_r: int = 0
+    lora_alpha: int = 32
+    lora_dropout: float = 0.05
+    lora_target_modules: list[str] = field(default_factory=lambda: ["all-linear"])
     # Any further trl.SFTConfig field, passed through as is.
     extra_args: dict[str, Any] = field(default_factory=dict)
 
@@ -333,8 +370,15 @@ def validate_recipe(cfg: DictConfig) -> RecipeConfig:
             f"gradient_accumulation_steps x num_processes = {t.per_device_train_batch_size} x "
             f"{t.gradient_accumulation_steps} x {t.num_processes}; fix one of them"
         )
-    if recipe.data.agreement.mode not in ("majority", "reference"):
-        raise ConfigError(f"data.agreement.mode={recipe.data.agreement.mode!r} is not one of ['majority', 'reference']")
+    part = recipe.data.partition
+    if part.count < 1 or (part.index is not None and not 0 <= part.index < part.count):
+        raise ConfigError(f"data.partition.index={part.index} must be in [0, data.partition.count={part.count})")
+    if recipe.data.agreement.mode not in ("majority", "reference", "single"):
+        raise ConfigError(f"data.agreement.mode={recipe.data.agreement.mode!r} is not one of ['majority', 'reference', 'single']")
+    if recipe.data.generate.style not in ("math", "mcq", "general"):
+        raise ConfigError(f"data.generate.style={recipe.data.generate.style!r} is not one of ['math', 'mcq', 'general']")
+    if recipe.data.generate.style == "general" and recipe.data.agreement.mode != "single" and "filter" in recipe.stages:
+        raise ConfigError("data.generate.style=general has no answers to agree on; set data.agreement.mode=single")
     if not 0 < recipe.data.agreement.min_agreement <= 1:
         raise ConfigError("data.agreement.min_agreement must be in (0, 1]")
     return recipe

@@ -44,3 +44,22 @@ def embed(
         convert_to_numpy=True, normalize_embeddings=True,
     )
     return np.asarray(vectors, dtype=np.float32)
+
+
+def inner_product_index(vectors: np.ndarray, *, ivf_min_records: int = 20000, nprobe: int = 8):
+    """A faiss inner-product index over normalized ``vectors``: exact (flat) below ``ivf_min_records``,
+    IVF above it (about 4*sqrt(n) lists, ``nprobe`` searched), so search cost grows close to linearly
+    with the corpus instead of with all pairs."""
+    import faiss  # noqa: PLC0415
+
+    vectors = np.ascontiguousarray(vectors, dtype=np.float32)
+    n, dim = vectors.shape
+    if n < ivf_min_records:
+        index = faiss.IndexFlatIP(dim)
+    else:
+        nlist = int(4 * np.sqrt(n))
+        index = faiss.IndexIVFFlat(faiss.IndexFlatIP(dim), dim, nlist, faiss.METRIC_INNER_PRODUCT)
+        index.train(vectors[np.random.default_rng(0).choice(n, size=min(n, 40 * nlist), replace=False)])
+        index.nprobe = nprobe
+    index.add(vectors)
+    return index

@@ -90,6 +90,53 @@ def plot_distributions(records: list[Record], path: Path) -> bool:
     return True
 
 
+def funnel_markdown(funnel: list[dict[str, Any]]) -> list[str]:
+    """The funnel table (items in/out per stage with drop reasons) and the throughput line."""
+    lines = ["| stage | in | out | dropped | reasons |", "|---|---|---|---|---|"]
+    for row in funnel:
+        reasons = ", ".join(f"{k}: {v}" for k, v in sorted(row["reasons"].items())) or "-"
+        lines.append(f"| {row['stage']} | {row['in']} | {row['out']} | {row['dropped']} | {reasons} |")
+    tp = throughput(funnel)
+    lines += ["", f"Throughput: {tp['accepted']} accepted problems, {tp['teacher_tokens']:,} teacher tokens "
+              f"({tp['teacher_tokens_per_accepted']:,.0f} per accepted problem), {tp['accepted_per_hour']:,.0f} accepted problems/hour "
+              f"over {tp['data_seconds']:.0f} s of data stages."]
+    return lines
+
+
+def dataset_card(rows: list[Record], funnel: list[dict[str, Any]], *, name: str, recipe: str, teacher: str, git_sha: str,
+                 settings: dict[str, Any]) -> str:
+    """A Hugging Face dataset card (README.md) for an exported SFT set: one config per variant, the
+    funnel numbers and the settings that produced it."""
+    import yaml  # noqa: PLC0415
+
+    variants = Counter(r.get("variant") or "default" for r in rows)
+    configs = [{"config_name": "all", "data_files": "train.jsonl", "default": True}]
+    configs += [{"config_name": v, "data_files": f"{v}/train.jsonl"} for v in sorted(variants)]
+    header = {"pretty_name": name, "license": "other", "task_categories": ["text-generation"], "tags": ["synthetic", "reasoning", "sandlab", *sorted(variants)],
+              "size_categories": [_size_category(len(rows))], "configs": configs}
+    words = {v: [len(r["completion"][-1]["content"].split()) for r in rows if (r.get("variant") or "default") == v] for v in variants}
+    lines = ["---", yaml.safe_dump(header, sort_keys=False).strip(), "---", "", f"# {name}", "",
+             f"Synthetic SFT data written by `{teacher}` with the sandlab recipe `{recipe}` (git {git_sha}). Each row is a "
+             "prompt/completion conversation whose completion is the teacher's full reasoning trace ending in the final answer.",
+             "The license follows the teacher model's terms of use.", "",
+             "| variant | rows | mean completion words |", "|---|---|---|"]
+    lines += [f"| {v} | {variants[v]} | {sum(words[v]) / len(words[v]):.0f} |" for v in sorted(variants)]
+    lines += ["", "Fields: `id` (stable), `variant`, `prompt` (chat messages), `completion` (assistant message), `answer` "
+              "(null for open-ended tasks), `source` (domain, branch, topic, teacher, agreement).", "",
+              "```python", "import datasets", 'ds = datasets.load_dataset("json", data_files="train.jsonl", split="train")', "```", ""]
+    if funnel:
+        lines += ["## How it was filtered", "", *funnel_markdown(funnel), ""]
+    lines += ["## Settings", "", "```yaml", yaml.safe_dump(settings, sort_keys=False).strip(), "```", ""]
+    return "\n".join(lines)
+
+
+def _size_category(n: int) -> str:
+    for limit, label in ((1_000, "n<1K"), (10_000, "1K<n<10K"), (100_000, "10K<n<100K"), (1_000_000, "100K<n<1M")):
+        if n < limit:
+            return label
+    return "1M<n<10M"
+
+
 def write_results(results: dict[str, dict[str, dict[str, Any]]], funnel: list[dict[str, Any]], run_dir: Path, title: str) -> str:
     """results[model][benchmark] = metrics. Writes results.csv and report.md; returns the markdown."""
     benchmarks = sorted({b for per_model in results.values() for b in per_model})
@@ -103,14 +150,7 @@ def write_results(results: dict[str, dict[str, dict[str, Any]]], funnel: list[di
                     writer.writerow([model, bench, f"{m['pass@1']:.2f}", m["items"], m["samples"], f"{m['mean_output_tokens']:.1f}", f"{m['truncated_share']:.3f}", f"{m['no_answer_share']:.3f}"])
     lines = [f"# {title}", ""]
     if funnel:
-        lines += ["## Data funnel", "", "| stage | in | out | dropped | reasons |", "|---|---|---|---|---|"]
-        for row in funnel:
-            reasons = ", ".join(f"{k}: {v}" for k, v in sorted(row["reasons"].items())) or "-"
-            lines.append(f"| {row['stage']} | {row['in']} | {row['out']} | {row['dropped']} | {reasons} |")
-        tp = throughput(funnel)
-        lines += ["", f"Throughput: {tp['accepted']} accepted problems, {tp['teacher_tokens']:,} teacher tokens "
-                  f"({tp['teacher_tokens_per_accepted']:,.0f} per accepted problem), {tp['accepted_per_hour']:,.0f} accepted problems/hour "
-                  f"over {tp['data_seconds']:.0f} s of data stages.", "", "![funnel](funnel.png)", ""]
+        lines += ["## Data funnel", "", *funnel_markdown(funnel), "", "![funnel](funnel.png)", ""]
         if (run_dir / "distributions.png").exists():
             lines += ["![distributions](distributions.png)", ""]
     if results:

@@ -1,28 +1,55 @@
-"""Answer agreement: keep a problem when enough independent answers are equivalent (shared grader)."""
+"""Answer agreement: keep a problem when enough independent answers are equivalent (shared grader).
+
+Modes (``data.agreement.mode``): ``majority`` (seedless SAND: the answers of k solutions, plus the
+teacher's reference answer, must agree), ``reference`` (distillation: solutions must match a known
+answer) and ``single`` (open-ended tasks: keep the first complete response).
+
+With ``llm_judge`` the teacher steps in where the grader cannot: it reads off the final answer of a
+complete solution that states none in an extractable form, and decides whether two textual answers
+(which math-verify cannot parse, e.g. "Alice wins" vs "the first player") are the same.
+"""
 
 from __future__ import annotations
 
 import re
+from pathlib import Path
 
 from sandlab.config import AgreementStage
-from sandlab.grading import GradeItem, GradingPool
+from sandlab.data_gen.prompts import load_prompt
+from sandlab.grading import GradeItem, GradingPool, extract_answer, strip_reasoning
+from sandlab.inference.base import ChatBackend, sampling_from
 from sandlab.records import Record
 
 # Numbers written plainly or in LaTeX: 42, -3.5, 1,000, \frac{3}{4}, 2\sqrt{3}, 5\pi/6, 2^{10}, 30^\circ.
 _NUMERIC = re.compile(r"^(?:[\d\s.,+\-*/^(){}√]|\\d?frac|\\sqrt|\\pi|\\cdot|\\times|\\left|\\right|\^\\circ|\\%|%)+$")
+_LATEX_COMMAND = re.compile(r"\\[A-Za-z]+")
+_WORD = re.compile(r"[A-Za-z]{3,}")
+_YES_NO = re.compile(r"\b(yes|no)\b")
+# The judge sees the end of a solution, where the answer is; long traces are cut from the front.
+_JUDGE_TAIL_CHARS = 6000
 
 
 def is_numeric_answer(answer: str) -> bool:
     return bool(re.search(r"\d", answer)) and bool(_NUMERIC.match(answer.strip()))
 
 
-def cluster_answers(answers: list[str], pool: GradingPool) -> list[list[int]]:
+def is_textual_answer(answer: str) -> bool:
+    """Answers with words outside LaTeX commands ("\\text{Alice wins}", "no solution"): math-verify
+    cannot compare them, so only string equality or the judge can."""
+    return bool(_WORD.search(_LATEX_COMMAND.sub(" ", answer)))
+
+
+def answer_kind(rec: Record) -> str:
+    return rec.get("answer_kind") or "math"
+
+
+def cluster_answers(answers: list[str], pool: GradingPool, kind: str = "math") -> list[list[int]]:
     """Greedy equivalence clusters: each answer joins the first cluster whose representative it equals."""
     clusters: list[list[int]] = []
     for i, answer in enumerate(answers):
         if clusters:
             reps = [answers[c[0]] for c in clusters]
-            results = pool.grade_many([GradeItem(response=f"\\boxed{{{answer}}}", gold=rep) for rep in reps])
+            results = pool.grade_many([GradeItem(response=f"\\boxed{{{answer}}}", gold=rep, kind=kind) for rep in reps])
             match = next((ci for ci, r in enumerate(results) if r.correct), None)
             if match is not None:
                 clusters[match].append(i)
@@ -31,10 +58,68 @@ def cluster_answers(answers: list[str], pool: GradingPool) -> list[list[int]]:
     return clusters
 
 
+def _judge_sampling(cfg: AgreementStage):
+    return sampling_from(cfg.judge_sampling, n=1)
+
+
+def judge_missing_answers(judge: ChatBackend, records: list[Record], cfg: AgreementStage, root: Path) -> list[Record]:
+    """Ask the judge for the final answer of each complete solution whose answer the grader could not
+    extract; found answers are marked ``answer_source: judge``."""
+    template = load_prompt(root / cfg.judge_prompt, "data.agreement.judge_prompt", problem="", solution="")
+    jobs = [
+        (r, i) for r, rec in enumerate(records) if answer_kind(rec) != "open"
+        for i, s in enumerate(rec["solutions"]) if not s.get("answer") and s.get("finish_reason") == "stop" and s.get("text", "").strip()
+    ]
+    if not jobs:
+        return records
+    conversations = []
+    for r, i in jobs:
+        text = records[r]["solutions"][i]["text"]
+        tail = (strip_reasoning(text).strip() or text)[-_JUDGE_TAIL_CHARS:]
+        conversations.append([{"role": "user", "content": template.format(problem=records[r]["problem"], solution=tail)}])
+    outputs = judge.generate(conversations, _judge_sampling(cfg), desc="judge: read answers")
+    out = [{**rec, "solutions": [dict(s) for s in rec["solutions"]]} for rec in records]
+    for (r, i), (completion,) in zip(jobs, outputs):
+        answer = extract_answer(completion.text, answer_kind(records[r])) if completion.ok and not completion.truncated else None
+        if answer and answer.strip().upper() != "NONE":
+            out[r]["solutions"][i].update(answer=answer, answer_source="judge")
+    return out
+
+
+def judge_equivalent(judge: ChatBackend, pairs: list[tuple[str, str, str]], cfg: AgreementStage, root: Path) -> list[bool]:
+    """For (problem, answer a, answer b) triples: does the judge say the answers are the same?"""
+    template = load_prompt(root / cfg.judge_equivalence_prompt, "data.agreement.judge_equivalence_prompt", problem="", a="", b="")
+    conversations = [[{"role": "user", "content": template.format(problem=p, a=a, b=b)}] for p, a, b in pairs]
+    outputs = judge.generate(conversations, _judge_sampling(cfg), desc="judge: compare answers")
+    verdicts = []
+    for (completion,) in outputs:
+        words = _YES_NO.findall(strip_reasoning(completion.text).lower()) if completion.ok else []
+        verdicts.append(bool(words) and words[-1] == "yes")  # the last YES/NO is the verdict
+    return verdicts
+
+
+def _merge(clusters: list[list[int]], same: list[tuple[int, int]]) -> list[list[int]]:
+    """Union the clusters that the judge called equivalent (pairs of cluster indices)."""
+    parent = list(range(len(clusters)))
+
+    def find(x: int) -> int:
+        while parent[x] != x:
+            parent[x] = parent[parent[x]]
+            x = parent[x]
+        return x
+
+    for a, b in same:
+        parent[find(b)] = find(a)
+    merged: dict[int, list[int]] = {}
+    for ci, members in enumerate(clusters):
+        merged.setdefault(find(ci), []).extend(members)
+    return [sorted(m) for m in merged.values()]
+
+
 def filter_by_reference(records: list[Record], cfg: AgreementStage, pool: GradingPool) -> tuple[list[Record], list[Record]]:
     """Distillation mode: keep a problem when at least ``min_votes`` solutions match its reference
     answer; the first matching solution becomes the trace."""
-    items = [GradeItem(response=s["text"], gold=str(rec["reference_answer"])) for rec in records for s in rec["solutions"]]
+    items = [GradeItem(response=s["text"], gold=str(rec["reference_answer"]), kind=answer_kind(rec)) for rec in records for s in rec["solutions"]]
     grades = iter(pool.grade_many(items, desc="verify against reference"))
     kept, dropped = [], []
     for rec in records:
@@ -47,20 +132,69 @@ def filter_by_reference(records: list[Record], cfg: AgreementStage, pool: Gradin
     return kept, dropped
 
 
-def filter_by_agreement(records: list[Record], cfg: AgreementStage, pool: GradingPool, *, include_reference: bool) -> tuple[list[Record], list[Record]]:
+def keep_first_complete(records: list[Record]) -> tuple[list[Record], list[Record]]:
+    """Open-ended tasks: the first response that finished and says something becomes the trace."""
+    kept, dropped = [], []
+    for rec in records:
+        complete = [s for s in rec["solutions"] if s.get("finish_reason") == "stop" and strip_reasoning(s.get("text", "")).strip()]
+        if complete:
+            kept.append({**rec, "answer": None, "solution": complete[0]["text"], "total_votes": len(rec["solutions"])})
+        else:
+            dropped.append({**rec, "reason": "no_complete_response"})
+    return kept, dropped
+
+
+def filter_by_agreement(
+    records: list[Record], cfg: AgreementStage, pool: GradingPool, *, include_reference: bool,
+    judge: ChatBackend | None = None, root: Path | None = None,
+) -> tuple[list[Record], list[Record]]:
     from tqdm.auto import tqdm  # noqa: PLC0415
 
-    kept, dropped = [], []
-    for rec in tqdm(records, desc="answer agreement", unit="problem", dynamic_ncols=True):
-        # votes: (answer, index into solutions or -1 for the reference)
-        votes = [(s["answer"], i) for i, s in enumerate(rec["solutions"]) if s["answer"]]
-        if include_reference and rec.get("reference_answer"):
-            votes.append((rec["reference_answer"], -1))
-        total = len(rec["solutions"]) + (1 if include_reference and rec.get("reference_answer") else 0)
+    use_judge = cfg.llm_judge and judge is not None and root is not None
+    if use_judge:
+        records = judge_missing_answers(judge, records, cfg, root)
+    # Pass 1: votes (answer, index into solutions or -1 for the reference) and grader clusters.
+    plans: list[tuple[Record, list[tuple[str, int]], list[list[int]], int] | None] = []
+    dropped_early: dict[int, Record] = {}
+    for r, rec in enumerate(tqdm(records, desc="answer agreement", unit="problem", dynamic_ncols=True)):
+        votes = [(s["answer"], i) for i, s in enumerate(rec["solutions"]) if s.get("answer")]
+        with_reference = include_reference and rec.get("reference_answer")
+        if with_reference:
+            votes.append((str(rec["reference_answer"]), -1))
+        total = len(rec["solutions"]) + (1 if with_reference else 0)
         if not votes:
-            dropped.append({**rec, "reason": "no_parsable_answers"})
+            dropped_early[r] = {**rec, "reason": "no_parsable_answers"}
+            plans.append(None)
             continue
-        clusters = cluster_answers([a for a, _ in votes], pool)
+        plans.append((rec, votes, cluster_answers([a for a, _ in votes], pool, answer_kind(rec)), total))
+    # Pass 2 (judge): textual cluster representatives the grader could not compare, in one batch.
+    if use_judge:
+        pairs, where = [], []
+        for r, plan in enumerate(plans):
+            if plan is None or answer_kind(plan[0]) != "math" or len(plan[2]) < 2:
+                continue
+            rec, votes, clusters, _ = plan
+            reps = [votes[c[0]][0] for c in clusters]
+            for a in range(len(reps)):
+                for b in range(a + 1, len(reps)):
+                    if is_textual_answer(reps[a]) or is_textual_answer(reps[b]):
+                        pairs.append((rec["problem"], reps[a], reps[b]))
+                        where.append((r, a, b))
+        if pairs:
+            same: dict[int, list[tuple[int, int]]] = {}
+            for (r, a, b), yes in zip(where, judge_equivalent(judge, pairs, cfg, root)):
+                if yes:
+                    same.setdefault(r, []).append((a, b))
+            for r, links in same.items():
+                rec, votes, clusters, total = plans[r]
+                plans[r] = (rec, votes, _merge(clusters, links), total)
+    # Pass 3: decide.
+    kept, dropped = [], []
+    for r, plan in enumerate(plans):
+        if plan is None:
+            dropped.append(dropped_early[r])
+            continue
+        rec, votes, clusters, total = plan
         best = max(clusters, key=len)
         share = len(best) / total
         stats = {"agreement": round(share, 4), "votes": len(best), "total_votes": total}
@@ -68,7 +202,7 @@ def filter_by_agreement(records: list[Record], cfg: AgreementStage, pool: Gradin
             dropped.append({**rec, **stats, "reason": "disagreement"})
             continue
         answer = votes[best[0]][0]
-        if cfg.require_numeric and not is_numeric_answer(answer):
+        if cfg.require_numeric and answer_kind(rec) == "math" and not is_numeric_answer(answer):
             dropped.append({**rec, **stats, "answer": answer, "reason": "non_numeric_answer"})
             continue
         solution_ids = [votes[j][1] for j in best if votes[j][1] >= 0]

@@ -14,7 +14,7 @@ from collections import defaultdict
 import numpy as np
 
 from sandlab.config import DedupStage
-from sandlab.embeddings import embed
+from sandlab.embeddings import embed, inner_product_index
 from sandlab.records import Record
 from sandlab.text import normalize_text, text_key, word_ngrams
 
@@ -65,19 +65,8 @@ def minhash_duplicates(signatures: np.ndarray, *, bands: int, threshold: float) 
 
 
 def _neighbours(vectors: np.ndarray, k: int, ivf_min_records: int, nprobe: int):
-    import faiss  # noqa: PLC0415
-
-    n, dim = vectors.shape
-    if n < ivf_min_records:
-        index = faiss.IndexFlatIP(dim)
-    else:
-        nlist = int(4 * np.sqrt(n))
-        index = faiss.IndexIVFFlat(faiss.IndexFlatIP(dim), dim, nlist, faiss.METRIC_INNER_PRODUCT)
-        sample = vectors[np.random.default_rng(0).choice(n, size=min(n, 40 * nlist), replace=False)]
-        index.train(sample)
-        index.nprobe = nprobe
-    index.add(vectors)
-    return index.search(vectors, min(k, n))
+    index = inner_product_index(vectors, ivf_min_records=ivf_min_records, nprobe=nprobe)
+    return index.search(vectors, min(k, len(vectors)))
 
 
 def embedding_duplicates(vectors: np.ndarray, *, threshold: float, k: int, ivf_min_records: int, nprobe: int) -> dict[int, tuple[int, float]]:

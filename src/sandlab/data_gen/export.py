@@ -9,7 +9,8 @@ from sandlab.records import Record
 
 def to_sft_example(rec: Record, cfg: ExportStage) -> Record:
     solution = rec["solution"].strip()
-    if last_boxed(solution) is None:  # the trace must end in the target answer format
+    # The trace must end in the target answer format; open-ended tasks (answer None) have none.
+    if rec.get("answer") is not None and last_boxed(solution) is None:
         solution += f"\n\nThe final answer is \\boxed{{{rec['answer']}}}."
     prompt = []
     if cfg.system_prompt:
@@ -20,8 +21,8 @@ def to_sft_example(rec: Record, cfg: ExportStage) -> Record:
         "variant": rec.get("variant") or cfg.variant,
         "prompt": prompt,
         "completion": [{"role": "assistant", "content": solution}],
-        "answer": rec["answer"],
-        "source": {k: rec.get(k) for k in ("branch", "topic", "secondary_branch", "teacher", "agreement")},
+        "answer": rec.get("answer"),
+        "source": {k: rec.get(k) for k in ("domain", "branch", "topic", "secondary_branch", "task", "answer_kind", "teacher", "agreement")},
     }
 
 

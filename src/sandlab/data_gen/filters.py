@@ -17,7 +17,7 @@ import numpy as np
 
 from sandlab.config import DifficultyStage, NoveltyStage, PassRateStage
 from sandlab.data_gen.prompts import load_prompt
-from sandlab.embeddings import embed
+from sandlab.embeddings import embed, inner_product_index
 from sandlab.errors import ConfigError
 from sandlab.grading import GradeItem, GradingPool
 from sandlab.inference.base import ChatBackend, sampling_from
@@ -60,10 +60,14 @@ def rate_difficulty(backend: ChatBackend, records: list[Record], cfg: Difficulty
 def filter_by_pass_rate(
     student: ChatBackend, pool: GradingPool, records: list[Record], cfg: PassRateStage, root: Path, *, seed_offset: int = 0
 ) -> tuple[list[Record], list[Record]]:
+    open_ended = [r["id"] for r in records if r.get("answer") is None]
+    if open_ended:
+        raise ConfigError(f"the passrate stage grades answers, but {len(open_ended)} records (e.g. {open_ended[0]!r}) are open-ended tasks without one")
     template = load_prompt(root / cfg.prompt, "data.passrate.prompt", problem="")
     sampling = sampling_from(cfg.sampling, n=cfg.m, offset=seed_offset)
     outputs = student.generate([[{"role": "user", "content": template.format(problem=r["problem"])}] for r in records], sampling, desc=f"student x{cfg.m}")
-    items = [GradeItem(response=c.text if c.ok else "", gold=str(rec["answer"])) for rec, comps in zip(records, outputs) for c in comps]
+    items = [GradeItem(response=c.text if c.ok else "", gold=str(rec["answer"]), kind=rec.get("answer_kind") or "math")
+             for rec, comps in zip(records, outputs) for c in comps]
     grades = pool.grade_many(items, desc="grade student")
     kept, dropped = [], []
     for i, rec in enumerate(records):
@@ -79,21 +83,20 @@ def filter_by_pass_rate(
     return kept, dropped
 
 
-def filter_novelty(records: list[Record], cfg: NoveltyStage) -> tuple[list[Record], list[Record]]:
-    import faiss  # noqa: PLC0415
-
+def filter_novelty(records: list[Record], cfg: NoveltyStage, *, corpus_vectors: np.ndarray | None = None, vectors: np.ndarray | None = None) -> tuple[list[Record], list[Record]]:
+    """``corpus_vectors``/``vectors``: precomputed normalized embeddings (benchmarks, huge corpora)."""
     corpus: list[str] = []
     for path in cfg.corpora:
         if not Path(path).is_file():
             raise ConfigError(f"data.novelty.corpora: {path} does not exist")
         corpus += [row["problem"] for row in read_jsonl(path) if "problem" in row]
-    if not corpus or not records:
+    if (not corpus and corpus_vectors is None) or not records:
         return list(records), []
-    vectors = embed(corpus, model=cfg.embedding_model, batch_size=cfg.batch_size, cache=True)
-    index = faiss.IndexFlatIP(vectors.shape[1])
-    index.add(vectors)
-    queries = embed([r["problem"] for r in records], model=cfg.embedding_model, batch_size=cfg.batch_size)
-    scores, ids = index.search(np.ascontiguousarray(queries), 1)
+    if corpus_vectors is None:
+        corpus_vectors = embed(corpus, model=cfg.embedding_model, batch_size=cfg.batch_size, cache=True)
+    index = inner_product_index(corpus_vectors, ivf_min_records=cfg.ivf_min_records, nprobe=cfg.nprobe)
+    queries = vectors if vectors is not None else embed([r["problem"] for r in records], model=cfg.embedding_model, batch_size=cfg.batch_size)
+    scores, ids = index.search(np.ascontiguousarray(queries, dtype=np.float32), 1)
     kept, dropped = [], []
     for rec, score, idx in zip(records, scores[:, 0], ids[:, 0]):
         if score >= cfg.threshold:

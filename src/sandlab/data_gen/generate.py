@@ -1,4 +1,14 @@
-"""Seedless problem generation: taxonomy-driven prompts, tagged ``<Q>...</Q><S>...</S>`` outputs."""
+"""Seedless generation from a taxonomy, in three styles (``data.generate.style``):
+
+* ``math``: an AIME-level problem with a single numerical answer and a reference solution,
+  ``<Q>problem</Q><S>solution ending in \\boxed{answer}</S>`` (SAND-Math);
+* ``mcq``: a PhD qualifying-exam multiple-choice question,
+  ``<Q>question</Q><CORRECT>..</CORRECT><WRONG>..</WRONG> x3 <S>explanation</S>``; the options are
+  shuffled here (seeded by the record id) so the correct letter is uniform over A-D whatever the
+  teacher's habits (SAND-MathScience, GPQA style);
+* ``general``: one user request for a domain -> topic -> task draw, ``<Q>request</Q>``; the solve stage
+  writes the response (LuminaSFT-style SFT data for small models).
+"""
 
 from __future__ import annotations
 
@@ -13,14 +23,24 @@ from sandlab.grading import extract_math_answer, strip_reasoning
 from sandlab.inference.base import ChatBackend, sampling_from
 from sandlab.records import Record, stable_id
 
-QUESTION_RE = re.compile(r"<Q>(.*?)(?:</Q>|(?=<S>))", re.S)
+QUESTION_RE = re.compile(r"<Q>(.*?)(?:</Q>|(?=<S>|<CORRECT>))", re.S)
 SOLUTION_RE = re.compile(r"<S>(.*?)(?:</S>|$)", re.S)
+CORRECT_RE = re.compile(r"<CORRECT>(.*?)</CORRECT>", re.S)
+WRONG_RE = re.compile(r"<WRONG>(.*?)</WRONG>", re.S)
+STYLES = ("math", "mcq", "general")
+LETTERS = "ABCD"
+# How each style's answers are compared by the shared grader; general tasks have none.
+ANSWER_KIND = {"math": "math", "mcq": "mcq", "general": "open"}
 
 
 def build_requests(cfg: GenerationStage, root: Path, seed: int) -> list[Record]:
     """One request per problem; ids depend on (domain, seed, index) so reruns regenerate the same ids."""
+    from sandlab.errors import ConfigError  # noqa: PLC0415
+
+    if cfg.style not in STYLES:
+        raise ConfigError(f"data.generate.style={cfg.style!r} is not one of {list(STYLES)}")
     taxonomy = Taxonomy.load(root / cfg.taxonomy)
-    template = load_prompt(root / cfg.prompt, "data.generate.prompt", primary="", topic="", secondary="")
+    template = load_prompt(root / cfg.prompt, "data.generate.prompt", primary="", topic="", secondary="", task="", domain="")
     rng = random.Random(seed)
     requests = []
     for index in range(cfg.num_problems):
@@ -31,7 +51,9 @@ def build_requests(cfg: GenerationStage, root: Path, seed: int) -> list[Record]:
             "branch": draw.primary,
             "topic": draw.topic,
             "secondary_branch": draw.secondary,
-            "prompt": template.format(primary=draw.primary, topic=draw.topic, secondary=draw.secondary),
+            **({"task": draw.task} if draw.task else {}),
+            "answer_kind": ANSWER_KIND[cfg.style],
+            "prompt": template.format(primary=draw.primary, topic=draw.topic, secondary=draw.secondary, task=draw.task, domain=taxonomy.domain),
         })
     return requests
 
@@ -65,16 +87,19 @@ def load_source_problems(cfg: GenerationStage) -> list[Record]:
             "problem": problem,
             "reference_answer": str(row[cfg.answer_field]),
             "reference_solution": None,
+            "answer_kind": ANSWER_KIND.get(cfg.style, "math"),
             "source_dataset": source,
         })
     return records
 
 
-def parse_problem(text: str, *, reference_solution: bool = True) -> tuple[dict[str, str] | None, str | None]:
+def parse_problem(text: str, *, reference_solution: bool = True, style: str = "math", record_id: str = "") -> tuple[dict[str, str] | None, str | None]:
     """Return (fields, None) or (None, drop_reason) for one teacher output."""
     final = strip_reasoning(text)
     if not final.strip():
         return None, "empty_output"
+    if style == "mcq":
+        return parse_mcq(final, record_id)
     if not reference_solution:  # generation stopped at </Q>, which the backend strips
         final = final if "</Q>" in final else final + "</Q>"
     question = QUESTION_RE.search(final)
@@ -89,6 +114,32 @@ def parse_problem(text: str, *, reference_solution: bool = True) -> tuple[dict[s
     if not answer:
         return None, "missing_answer"
     return {"problem": question.group(1).strip(), "reference_solution": solution.group(1).strip(), "reference_answer": answer}, None
+
+
+def parse_mcq(final: str, record_id: str) -> tuple[dict[str, str] | None, str | None]:
+    """A question with one correct option and three distractors; the options are shuffled with a
+    generator seeded by the record id, so the correct letter is uniform and stable across reruns."""
+    question = QUESTION_RE.search(final)
+    if not question or not question.group(1).strip():
+        return None, "missing_problem_tag"
+    correct = [c.strip() for c in CORRECT_RE.findall(final) if c.strip()]
+    wrong = [w.strip() for w in WRONG_RE.findall(final) if w.strip()]
+    if len(correct) != 1 or len(wrong) < len(LETTERS) - 1:
+        return None, "missing_options"
+    options = [correct[0], *wrong[: len(LETTERS) - 1]]
+    if len({" ".join(o.lower().split()) for o in options}) < len(options):
+        return None, "duplicate_options"
+    order = list(range(len(options)))
+    random.Random(f"mcq:{record_id}").shuffle(order)
+    letter = LETTERS[order.index(0)]
+    lines = [f"{LETTERS[pos]}) {options[i]}" for pos, i in enumerate(order)]
+    solution = SOLUTION_RE.search(final, question.end())
+    explanation = solution.group(1).strip() if solution and solution.group(1).strip() else ""
+    return {
+        "problem": question.group(1).strip() + "\n\n" + "\n".join(lines),
+        "reference_solution": (explanation + "\n\n" if explanation else "") + f"The correct option is \\boxed{{{letter}}}.",
+        "reference_answer": letter,
+    }, None
 
 
 def generate_problems(
@@ -112,7 +163,8 @@ def generate_problems(
         if completion.truncated:
             dropped.append({**base, "reason": "truncated", **usage})
             continue
-        fields, reason = parse_problem(cfg.response_prefix + completion.text, reference_solution=cfg.reference_solution)
+        fields, reason = parse_problem(cfg.response_prefix + completion.text, reference_solution=cfg.reference_solution and cfg.style != "general",
+                                       style=cfg.style, record_id=req["id"])
         if fields is None:
             dropped.append({**base, "reason": reason, "raw": completion.text[:2000], **usage})
             continue

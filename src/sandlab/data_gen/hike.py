@@ -7,26 +7,16 @@ from __future__ import annotations
 import random
 from pathlib import Path
 
-import yaml
-
 from sandlab.config import AgreementStage, HikeStage, SolveStage
 from sandlab.data_gen.agreement import filter_by_agreement
 from sandlab.data_gen.generate import parse_problem
 from sandlab.data_gen.prompts import load_prompt
 from sandlab.data_gen.solve import solve_problems
+from sandlab.data_gen.taxonomy import Taxonomy
 from sandlab.errors import ConfigError
 from sandlab.grading import GradingPool
 from sandlab.inference.base import ChatBackend, sampling_from
 from sandlab.records import Record, stable_id
-
-
-def load_theorems(path: Path) -> dict[str, dict[str, list[str]]]:
-    if not path.is_file():
-        raise ConfigError(f"data.hike.taxonomy: {path} does not exist")
-    branches = (yaml.safe_load(path.read_text()) or {}).get("branches") or {}
-    if len(branches) < 2:
-        raise ConfigError(f"data.hike.taxonomy {path} needs at least two branches")
-    return branches
 
 
 def hike_problems(
@@ -34,7 +24,7 @@ def hike_problems(
     root: Path, *, seed: int, teacher: str,
 ) -> tuple[list[Record], list[Record]]:
     """Returns (originals + verified hiked problems, failed hikes with reasons)."""
-    taxonomy = load_theorems(root / cfg.taxonomy)
+    taxonomy = Taxonomy.load(root / cfg.taxonomy, what="data.hike.taxonomy").branches  # branch -> topic -> theorems
     template = load_prompt(root / cfg.prompt, "data.hike.prompt", problem="", theorem="", branch="", topic="", secondary="")
     moderate = [r for r in records if isinstance(r.get("difficulty"), (int, float)) and cfg.min_difficulty <= r["difficulty"] <= cfg.max_difficulty]
     if not moderate:
@@ -44,7 +34,10 @@ def hike_problems(
         rng = random.Random(f"{seed}:{rec['id']}")  # the same problem draws the same theorem on a rerun
         branch = rec.get("branch") if rec.get("branch") in taxonomy else rng.choice(sorted(taxonomy))
         topic = rng.choice(sorted(taxonomy[branch]))
-        theorem = rng.choice(taxonomy[branch][topic])
+        theorems = taxonomy[branch][topic][1]
+        if not theorems:
+            raise ConfigError(f"data.hike.taxonomy: {branch}/{topic} lists no theorems")
+        theorem = rng.choice(theorems)
         secondary = rng.choice([b for b in sorted(taxonomy) if b != branch])
         prompt = template.format(problem=rec["problem"], theorem=theorem, branch=branch, topic=topic, secondary=secondary)
         requests.append((rec, {"theorem": theorem, "topic": topic, "secondary_branch": secondary}, prompt))
@@ -64,6 +57,6 @@ def hike_problems(
     verified: list[Record] = []
     if hiked:
         solved = solve_problems(backend, hiked, solve, root)
-        verified, disagreed = filter_by_agreement(solved, agreement, pool, include_reference=solve.include_reference)
+        verified, disagreed = filter_by_agreement(solved, agreement, pool, include_reference=solve.include_reference, judge=backend, root=root)
         failed += [{**d, "reason": f"hiked_{d['reason']}"} for d in disagreed]
     return list(records) + verified, failed

@@ -6,7 +6,7 @@ from pathlib import Path
 
 from sandlab.config import SolveStage
 from sandlab.data_gen.prompts import load_prompt
-from sandlab.grading import extract_math_answer
+from sandlab.grading import extract_answer
 from sandlab.inference.base import ChatBackend, sampling_from
 from sandlab.records import Record
 
@@ -21,7 +21,7 @@ def solve_problems(backend: ChatBackend, problems: list[Record], cfg: SolveStage
         solutions = [
             {
                 "text": c.text,
-                "answer": extract_math_answer(c.text) if c.ok and not c.truncated else None,
+                "answer": extract_answer(c.text, problem.get("answer_kind", "math")) if c.ok and not c.truncated else None,
                 "finish_reason": c.finish_reason,
                 "completion_tokens": c.completion_tokens,
             }

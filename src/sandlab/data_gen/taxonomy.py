@@ -1,10 +1,24 @@
-"""Branch taxonomies that drive seedless generation (data_gen/taxonomies/*.yaml)."""
+"""Taxonomies that drive seedless generation (data_gen/taxonomies/*.yaml).
+
+Two or three levels, weights optional everywhere (default 1):
+
+    domain: science
+    branches:                       # branch (subject) -> topics
+      physics: [quantum mechanics, optics]              # a list: topics drawn uniformly
+      chemistry: {organic chemistry: 2, spectroscopy: 1}  # a mapping to numbers: topic weights
+      writing: {emails: [formal request, apology]}      # a mapping to lists: topic -> tasks
+    weights: {physics: 2}           # branch weights
+
+SAND math uses branch -> topic (plus a random secondary branch); science MCQ uses weighted
+subjects and branches; the LuminaSFT-style general mode uses domain -> topic -> task.
+"""
 
 from __future__ import annotations
 
 import random
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import yaml
 
@@ -16,29 +30,60 @@ class TopicDraw:
     primary: str
     topic: str
     secondary: str
+    task: str = ""
 
 
 @dataclass
 class Taxonomy:
     domain: str
-    branches: dict[str, list[str]]
+    # branch -> topic -> (weight, tasks)
+    branches: dict[str, dict[str, tuple[float, list[str]]]]
     weights: dict[str, float]
 
     @classmethod
-    def load(cls, path: str | Path) -> Taxonomy:
+    def load(cls, path: str | Path, what: str = "data.generate.taxonomy") -> Taxonomy:
         path = Path(path)
-        if not path.exists():
-            raise ConfigError(f"taxonomy file {path} does not exist; set data.generate.taxonomy to a YAML under data_gen/taxonomies/")
-        raw = yaml.safe_load(path.read_text()) or {}
+        if not path.is_file():
+            raise ConfigError(f"{what}: taxonomy file {path} does not exist; use a YAML under data_gen/taxonomies/")
+        try:
+            raw = yaml.safe_load(path.read_text()) or {}
+        except yaml.YAMLError as exc:
+            raise ConfigError(f"taxonomy {path} is not valid YAML ({str(exc).splitlines()[0]})") from None
         branches = raw.get("branches") or {}
-        if len(branches) < 2:
+        if not isinstance(branches, dict) or len(branches) < 2:
             raise ConfigError(f"taxonomy {path} needs at least two branches (primary and secondary are distinct)")
-        return cls(domain=raw.get("domain", path.stem), branches=branches, weights=raw.get("weights") or {})
+        parsed = {str(name): _topics(path, str(name), topics) for name, topics in branches.items()}
+        weights = {str(k): float(v) for k, v in (raw.get("weights") or {}).items()}
+        unknown = sorted(set(weights) - set(parsed))
+        if unknown:
+            raise ConfigError(f"taxonomy {path}: weights name unknown branches {unknown}")
+        return cls(domain=str(raw.get("domain", path.stem)), branches=parsed, weights=weights)
 
     def draw(self, rng: random.Random) -> TopicDraw:
         names = list(self.branches)
-        weights = [float(self.weights.get(n, 1.0)) for n in names]
-        primary = rng.choices(names, weights=weights)[0]
+        primary = rng.choices(names, weights=[self.weights.get(n, 1.0) for n in names])[0]
         secondary = rng.choice([n for n in names if n != primary])
-        topic = rng.choice(self.branches[primary] or [primary])
-        return TopicDraw(primary, topic, secondary)
+        topics = self.branches[primary]
+        if not topics:
+            return TopicDraw(primary, primary, secondary)
+        topic = rng.choices(list(topics), weights=[w for w, _ in topics.values()])[0]
+        tasks = topics[topic][1]
+        return TopicDraw(primary, topic, secondary, rng.choice(tasks) if tasks else "")
+
+
+def _topics(path: Path, branch: str, topics: Any) -> dict[str, tuple[float, list[str]]]:
+    if topics is None:
+        return {}
+    if isinstance(topics, list):
+        return {str(t): (1.0, []) for t in topics}
+    if isinstance(topics, dict):
+        out = {}
+        for topic, value in topics.items():
+            if isinstance(value, (int, float)) and value > 0:
+                out[str(topic)] = (float(value), [])
+            elif isinstance(value, list) and value:
+                out[str(topic)] = (1.0, [str(t) for t in value])
+            else:
+                raise ConfigError(f"taxonomy {path}: {branch}/{topic} must be a positive weight or a list of tasks")
+        return out
+    raise ConfigError(f"taxonomy {path}: branch {branch!r} must map to a list or a mapping of topics")

@@ -1,6 +1,6 @@
 """Shared grader: answer extraction, math equivalence (math-verify) and time-limited grading."""
 
-from sandlab.grading.extract import extract_choice, extract_math_answer, last_boxed, strip_reasoning
+from sandlab.grading.extract import extract_answer, extract_choice, extract_math_answer, last_boxed, strip_reasoning
 from sandlab.grading.math_equiv import math_equal
 from sandlab.grading.pool import GradingPool, grade
 from sandlab.grading.types import GradeItem, GradeResult
@@ -9,6 +9,7 @@ __all__ = [
     "GradeItem",
     "GradeResult",
     "GradingPool",
+    "extract_answer",
     "extract_choice",
     "extract_math_answer",
     "grade",

@@ -186,3 +186,13 @@ def extract_choice(response: str, letters: str = "ABCD") -> str | None:
     # A response that is nothing but the letter: "B", "(B)", "B.", "**B**".
     bare = re.fullmatch(rf"[*\s]*[(\[]?([{cls}])[)\]]?\.?[*\s]*", final)
     return bare.group(1) if bare else None
+
+
+def extract_answer(response: str, kind: str = "math") -> str | None:
+    """The final answer by answer kind: ``math`` (boxed/tagged/stated), ``mcq`` (a letter), ``open``
+    (open-ended tasks, which have none)."""
+    if kind == "mcq":
+        return extract_choice(response)
+    if kind == "open":
+        return None
+    return extract_math_answer(response)

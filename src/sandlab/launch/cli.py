@@ -87,6 +87,47 @@ def precheck_overrides(argv: list[str], default_recipe: str) -> None:
         sys.exit(2)
 
 
+def compose_recipe(config_name: str, overrides: list[str]):
+    """The recipe as Hydra composes it, without starting a Hydra app (for tools such as inspection)."""
+    from hydra import compose, initialize_config_dir  # noqa: PLC0415
+
+    import sandlab.config  # noqa: F401, PLC0415
+
+    precheck_overrides(["--config-name", config_name, *overrides], config_name)
+    with initialize_config_dir(config_dir=recipes_dir(), version_base="1.3"):
+        return compose(config_name=config_name, overrides=overrides)
+
+
+def inspect_main(argv: list[str] | None = None) -> None:
+    """``python train/inspect_data.py --config-name <recipe> [--samples N] [overrides]``: a rendered
+    training sample with its loss mask, token counts and the share cut at train.max_length."""
+    import argparse  # noqa: PLC0415
+
+    from sandlab.config import validate_recipe  # noqa: PLC0415
+    from sandlab.models import resolve_model_path  # noqa: PLC0415
+    from sandlab.train.inspect import inspect_dataset  # noqa: PLC0415
+
+    parser = argparse.ArgumentParser(description=inspect_main.__doc__)
+    parser.add_argument("--config-name", "-cn", default="demo")
+    parser.add_argument("--samples", type=int, default=1, help="rendered samples to print")
+    args, overrides = parser.parse_known_args(argv)
+    try:
+        cfg = validate_recipe(compose_recipe(args.config_name, overrides))
+        dataset = cfg.data.dataset_path
+        if not dataset:
+            candidate = Path(cfg.run.dir) / "sft" / "train.jsonl"
+            if not candidate.exists():
+                raise SandlabError("set data.dataset_path=<sft jsonl or Hub id>, or run.dir=<a run with sft/train.jsonl>")
+            dataset = str(candidate)
+        template = cfg.model.chat_template
+        template = str(template if Path(template).is_absolute() else repo_root() / template) if template else None
+        inspect_dataset(resolve_model_path(cfg.model.path), dataset, cfg.train, chat_template_path=template, samples=args.samples,
+                        mix=cfg.data.mix, variants=cfg.data.variants)
+    except SandlabError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        sys.exit(2)
+
+
 def run(stages: Sequence[str] | None = None, default_recipe: str = "demo") -> None:
     precheck_overrides(sys.argv[1:], default_recipe)
     make_main(stages, default_recipe)()

@@ -28,6 +28,24 @@ from sandlab.runs import RunDir, repo_root
 
 log = logging.getLogger("sandlab")
 SHARDED_STAGES = ("generate", "solve", "filter", "difficulty", "export")  # record by record; the rest are global
+# Stages a partition (one Slurm array task) runs on its own slice when they lead the recipe's data stages.
+PARTITIONED_STAGES = ("generate", "solve", "filter", "difficulty")
+# The config sections each stage's output depends on. A rerun in the same run.dir refuses to skip a
+# finished stage whose sections (or those of an earlier stage) have changed since it ran.
+STAGE_CONFIG = {
+    "generate": ["run.seed", "teacher.model", "data.generate"],
+    "solve": ["teacher.model", "data.solve"],
+    "filter": ["data.agreement", "data.solve.include_reference"],
+    "dedup": ["data.dedup"],
+    "decontam": ["data.decontam"],
+    "difficulty": ["teacher.model", "data.difficulty"],
+    "hike": ["teacher.model", "data.hike"],
+    "passrate": ["data.passrate"],
+    "novelty": ["data.novelty"],
+    "export": ["data.export"],
+    "train": ["model.path", "model.chat_template", "data.dataset_path", "data.mix", "data.variants", "train"],
+    "eval": ["eval"],
+}
 STAGE_HINTS = {
     "generate": "raise data.generate.num_problems or use a stronger teacher",
     "solve": "check the teacher",
@@ -58,10 +76,15 @@ class Pipeline:
         self.raw_cfg = cfg
         self.cfg: RecipeConfig = validate_recipe(cfg)
         self.root = repo_root()
-        self.run = RunDir(run_dir)
+        self.root_run = self.run = RunDir(run_dir)
+        part = self.cfg.data.partition
+        self.partition_worker = part.count > 1 and part.index is not None
+        if self.partition_worker:  # one array task: its own directory inside the run
+            self.run = RunDir(self.partition_dir(part.index))
         self.data_dir = self.run.sub("data")
         self._teacher = None
         self._pool = None
+        self._input_offset: int | None = None
 
     # ---- shared services, created on first use -------------------------------------------------
     @property
@@ -89,6 +112,74 @@ class Pipeline:
             self._pool = None
 
     # ---- bookkeeping -------------------------------------------------------------------------
+    def partition_dir(self, index: int) -> Path:
+        return self.root_run.path / "partitions" / f"{index:05d}-of-{self.cfg.data.partition.count:05d}"
+
+    def partition_stages(self) -> list[str]:
+        """The leading per-record data stages: what each partition runs on its own slice."""
+        prefix = []
+        for stage in (s for s in self.cfg.stages if s in DATA_STAGES):
+            if stage not in PARTITIONED_STAGES:
+                break
+            prefix.append(stage)
+        return prefix
+
+    def _partition_slice(self, n: int) -> tuple[int, int]:
+        part = self.cfg.data.partition
+        return part.index * n // part.count, (part.index + 1) * n // part.count
+
+    def input_offset(self) -> int:
+        """Sampling-seed offset of this process's records: a partition starts at its first request's
+        global position, so partitions never share seeds and generation samples what a whole run would."""
+        if self._input_offset is None:
+            self._input_offset = self._partition_slice(len(self._all_requests()))[0] if self.partition_worker else 0
+        return self._input_offset
+
+    def _all_requests(self) -> list[Record]:
+        from sandlab.data_gen.generate import build_requests, load_source_problems  # noqa: PLC0415
+
+        if self.cfg.data.generate.source:
+            return load_source_problems(self.cfg.data.generate)
+        return build_requests(self.cfg.data.generate, self.root, self.cfg.run.seed)
+
+    # ---- stage config fingerprints (resume safety) -------------------------------------------
+    def stage_config(self, stage: str) -> dict[str, Any]:
+        """Flattened config values that ``stage`` and the stages before it depend on."""
+        plain = OmegaConf.to_container(self.raw_cfg, resolve=True)
+        enabled = [s for s in self.cfg.stages if s in STAGE_CONFIG]
+        upstream = enabled[: enabled.index(stage) + 1] if stage in enabled else [stage]
+        if stage in ("train", "eval"):  # training reads the exported dataset, not the data settings
+            upstream = ["export", stage] if "export" in enabled and not self.cfg.data.dataset_path else [stage]
+        flat: dict[str, Any] = {}
+        for key in dict.fromkeys(k for s in upstream for k in STAGE_CONFIG.get(s, [])):
+            node: Any = plain
+            for part in key.split("."):
+                node = node.get(part) if isinstance(node, dict) else None
+            flat.update(_flatten(key, node))
+        flat.pop("data.passrate.student.base_urls", None)
+        return flat
+
+    def _config_file(self, stage: str) -> Path:
+        return self.run.path / "stages" / f"{stage}.config.json"
+
+    def check_stage_config(self, stage: str, run: RunDir | None = None) -> None:
+        path = (run.path / "stages" / f"{stage}.config.json") if run else self._config_file(stage)
+        if not path.exists():  # run directories from before fingerprints: nothing to compare
+            return
+        before, now = json.loads(path.read_text()), self.stage_config(stage)
+        changed = [k for k in sorted(set(before) | set(now)) if before.get(k) != now.get(k)]
+        if changed:
+            k = changed[0]
+            raise ConfigError(
+                f"stage {stage} already ran in {path.parent.parent} with different settings ({k}: {before.get(k)!r} -> {now.get(k)!r}"
+                f"{f' and {len(changed) - 1} more' if len(changed) > 1 else ''}); use a new run.dir, or remove "
+                f"{path.parent}/{stage}.done and the markers of later stages to redo them"
+            )
+
+    def mark_done(self, stage: str, summary: dict[str, Any]) -> None:
+        write_json(self._config_file(stage), self.stage_config(stage))
+        self.run.mark_done(stage, summary)
+
     def _records(self, stage: str) -> list[Record]:
         return read_jsonl(self.data_dir / f"{stage}.jsonl")
 
@@ -97,11 +188,11 @@ class Pipeline:
         log.info("%s: %d in, %d kept, %d dropped %s", stage, n_in, len(kept), len(dropped), row["reasons"])
         # Dropped records are written even when the stage fails: they say why everything was dropped.
         write_jsonl(self.data_dir / f"{stage}.dropped.jsonl", dropped)
-        if not kept:
+        if not kept and not self.partition_worker:  # one small partition may come out empty
             reasons = ", ".join(f"{k}: {v}" for k, v in row["reasons"].items()) or "none"
             raise EmptyDatasetError(f"stage '{stage}' kept 0 of {n_in} records (drop reasons: {reasons}); {hint}")
         write_jsonl(self.data_dir / f"{stage}.jsonl", kept)
-        self.run.mark_done(stage, row)
+        self.mark_done(stage, row)
 
     def funnel(self) -> list[dict[str, Any]]:
         markers = [self.run.done_marker(stage) for stage in DATA_STAGES]
@@ -126,12 +217,17 @@ class Pipeline:
         from sandlab.data_gen.agreement import filter_by_agreement  # noqa: PLC0415
 
         require_fields(records, "filter", ["solutions"], "run stage=solve on them first")
+        if self.cfg.data.agreement.mode == "single":
+            from sandlab.data_gen.agreement import keep_first_complete  # noqa: PLC0415
+
+            return keep_first_complete(records)
         if self.cfg.data.agreement.mode == "reference":
             from sandlab.data_gen.agreement import filter_by_reference  # noqa: PLC0415
 
             require_fields(records, "filter", ["reference_answer"], "data.agreement.mode=reference needs problems with reference answers")
             return filter_by_reference(records, self.cfg.data.agreement, self.pool)
-        return filter_by_agreement(records, self.cfg.data.agreement, self.pool, include_reference=self.cfg.data.solve.include_reference)
+        judge = self.teacher if self.cfg.data.agreement.llm_judge else None
+        return filter_by_agreement(records, self.cfg.data.agreement, self.pool, include_reference=self.cfg.data.solve.include_reference, judge=judge, root=self.root)
 
     def data_dedup(self, records: list[Record], offset: int = 0) -> tuple[list[Record], list[Record]]:
         from sandlab.data_gen.dedup import dedup  # noqa: PLC0415
@@ -177,11 +273,11 @@ class Pipeline:
 
     def _stage_inputs(self, stage: str) -> list[Record]:
         if stage == "generate":
-            from sandlab.data_gen.generate import build_requests, load_source_problems  # noqa: PLC0415
-
-            if self.cfg.data.generate.source:
-                return load_source_problems(self.cfg.data.generate)
-            return build_requests(self.cfg.data.generate, self.root, self.cfg.run.seed)
+            requests = self._all_requests()
+            if self.partition_worker:
+                lo, hi = self._partition_slice(len(requests))
+                return requests[lo:hi]
+            return requests
         enabled = [s for s in self.cfg.stages if s in DATA_STAGES]
         previous = enabled[enabled.index(stage) - 1] if enabled.index(stage) > 0 else None
         if previous is None:
@@ -195,8 +291,9 @@ class Pipeline:
         stage resumes at the first unfinished shard and never redoes or duplicates finished work."""
         size = self.cfg.data.shard_size
         fn = getattr(self, f"data_{stage}")
+        base = self.input_offset() if stage in SHARDED_STAGES else 0
         if stage not in SHARDED_STAGES or size <= 0 or len(records) <= size:
-            return fn(records)
+            return fn(records, offset=base)
         shard_dir = self.data_dir / f"{stage}.shards-{size}"
         kept: list[Record] = []
         dropped: list[Record] = []
@@ -205,7 +302,7 @@ class Pipeline:
             if path.exists():
                 done = json.loads(path.read_text())
             else:
-                k, d = fn(records[start : start + size], offset=start)
+                k, d = fn(records[start : start + size], offset=base + start)
                 done = {"kept": k, "dropped": d}
                 write_json(path, done)
             kept += done["kept"]
@@ -217,10 +314,64 @@ class Pipeline:
         records = self._stage_inputs(stage)
         kept, dropped = self._apply_sharded(stage, records)
         if stage == "export" and kept:  # the dataset lands before the stage is marked done
-            write_jsonl(self.run.sub("sft") / "train.jsonl", kept)
+            self._write_sft(kept, funnel_row(stage, len(records), kept, dropped, time.monotonic() - start))
         self._finish_data_stage(stage, len(records), kept, dropped, STAGE_HINTS[stage], seconds=time.monotonic() - start)
         for shards in self.data_dir.glob(f"{stage}.shards-*"):  # merged into <stage>.jsonl now
             shutil.rmtree(shards, ignore_errors=True)
+
+    def _merge_partitions(self, stage: str) -> None:
+        """Collect a per-record stage's output from every partition, in partition order."""
+        count = self.cfg.data.partition.count
+        runs = [RunDir(self.partition_dir(i)) for i in range(count)]
+        missing = [i for i, r in enumerate(runs) if not r.is_done(stage)]
+        if missing:
+            raise EmptyDatasetError(
+                f"stage {stage}: partition(s) {missing} of {count} have not finished it; rerun those array tasks "
+                f"(sbatch --array={','.join(map(str, missing))} ...) with run.dir={self.run.path}, then merge again"
+            )
+        kept: list[Record] = []
+        dropped: list[Record] = []
+        n_in, seconds = 0, 0.0
+        for run in runs:
+            self.check_stage_config(stage, run)
+            row = json.loads(run.done_marker(stage).read_text())
+            n_in, seconds = n_in + row["in"], seconds + row.get("seconds", 0.0)
+            data = run.path / "data"
+            kept += read_jsonl(data / f"{stage}.jsonl") if (data / f"{stage}.jsonl").exists() else []
+            dropped += read_jsonl(data / f"{stage}.dropped.jsonl") if (data / f"{stage}.dropped.jsonl").exists() else []
+        ids = [r["id"] for r in kept]
+        if len(ids) != len(set(ids)):
+            raise SandlabError(f"stage {stage}: partitions overlap ({len(ids) - len(set(ids))} duplicate ids); were they run with different data.partition.count?")
+        self._finish_data_stage(stage, n_in, kept, dropped, STAGE_HINTS[stage], seconds=seconds)
+
+    def _write_sft(self, rows: list[Record], export_row: dict[str, Any]) -> None:
+        """sft/train.jsonl (all variants), sft/<variant>/train.jsonl and a dataset card, sft/README.md."""
+        from collections import defaultdict  # noqa: PLC0415
+
+        from sandlab.reporting import dataset_card  # noqa: PLC0415
+        from sandlab.runs import git_sha  # noqa: PLC0415
+
+        sft = self.run.sub("sft")
+        write_jsonl(sft / "train.jsonl", rows)
+        by_variant: dict[str, list[Record]] = defaultdict(list)
+        for row in rows:
+            by_variant[row.get("variant") or "default"].append(row)
+        for variant, subset in by_variant.items():
+            write_jsonl(self.run.sub("sft", variant) / "train.jsonl", subset)
+        d = self.cfg.data
+        settings = {
+            "generate": {"style": d.generate.style, "taxonomy": d.generate.taxonomy, "source": d.generate.source, "requested": d.generate.num_problems},
+            "solve": {"k": d.solve.k, "include_reference": d.solve.include_reference, "temperature": d.solve.sampling.temperature},
+            "agreement": {"mode": d.agreement.mode, "min_agreement": d.agreement.min_agreement, "min_votes": d.agreement.min_votes, "llm_judge": d.agreement.llm_judge},
+            "dedup": {"embedding_model": d.dedup.embedding_model, "threshold": d.dedup.threshold, "minhash_threshold": d.dedup.minhash_threshold},
+            "decontam": {"benchmarks": d.decontam.benchmarks, "ngram_n": d.decontam.ngram_n, "embedding_threshold": d.decontam.embedding_threshold},
+            "export": {"min_words": d.export.min_words},
+        }
+        stages = [s for s in self.cfg.stages if s in DATA_STAGES]
+        settings = {k: v for k, v in settings.items() if {"agreement": "filter"}.get(k, k) in stages} | {"stages": stages}
+        card = dataset_card(rows, [*self.funnel(), export_row], name=d.name, recipe=self.cfg.recipe, teacher=self.cfg.teacher.model,
+                            git_sha=git_sha(), settings=settings)
+        (sft / "README.md").write_text(card)
 
     def run_single_stage(self, stage: str, input_path: str | None, output_dir: str | None) -> dict[str, Any]:
         """Apply one data stage to a JSONL file of records (``id``, ``problem``, ...): for users who
@@ -284,16 +435,27 @@ class Pipeline:
 
             run_sft(model_path, dataset, t, output_dir=str(self.tuned_dir()), run_name=f"{self.cfg.recipe}-sft",
                     seed=self.cfg.run.seed, report_to=["wandb"] if self.cfg.wandb.mode != "disabled" else [],
-                    chat_template_path=self._path(self.cfg.model.chat_template))
+                    chat_template_path=self._path(self.cfg.model.chat_template), mix=self.cfg.data.mix, variants=self.cfg.data.variants)
         if not is_main_process():
             return
-        self.run.mark_done("train", {"model": model_path, "dataset": dataset, "output": str(self.tuned_dir())})
+        self.mark_done("train", {"model": model_path, "dataset": dataset, "output": str(self.tuned_dir())})
 
     def _launch_distributed_training(self) -> None:
         """Multi-process training goes through ``accelerate launch train/sft.py`` with the same recipe."""
+        import yaml  # noqa: PLC0415
+
         t = self.cfg.train
+        # The launcher config is copied into the run directory with the DeepSpeed JSON path made
+        # absolute, so the launch works from any working directory and the run records what it used.
+        acc = yaml.safe_load((self.root / t.accelerate_config).read_text()) or {}
+        ds = acc.get("deepspeed_config") or {}
+        if ds.get("deepspeed_config_file") and not Path(ds["deepspeed_config_file"]).is_absolute():
+            ds["deepspeed_config_file"] = str(self.root / ds["deepspeed_config_file"])
+        acc["num_processes"] = t.num_processes
+        launcher_config = self.run.path / "accelerate_config.yaml"
+        launcher_config.write_text(yaml.safe_dump(acc, sort_keys=False))
         cmd = [
-            sys.executable, "-m", "accelerate.commands.launch", "--config_file", str(self.root / t.accelerate_config),
+            sys.executable, "-m", "accelerate.commands.launch", "--config_file", str(launcher_config),
             "--num_processes", str(t.num_processes), str(self.root / "train" / "sft.py"),
             "--config-dir", str(self.run.path), "--config-name", "config", f"run.dir={self.run.path}", f"hydra.run.dir={self.run.path}",
         ]
@@ -317,7 +479,7 @@ class Pipeline:
             with build_backend(backend_cfg) as backend:
                 results[name] = {b: evaluate_benchmark(backend, self.pool, b, self.cfg.eval, out / b) for b in self.cfg.eval.benchmarks}
         write_json(self.run.path / "eval" / "results.json", results)
-        self.run.mark_done("eval", {"models": list(results)})
+        self.mark_done("eval", {"models": list(results)})
 
     def stage_report(self) -> None:
         funnel = self.funnel()
@@ -356,7 +518,9 @@ class Pipeline:
         """Fail in seconds, not after a model load: paths exist, servers answer, datasets are there."""
         from sandlab.models import looks_like_local_path, resolve_model_path  # noqa: PLC0415
 
-        needs_teacher = any(s in ("generate", "solve", "difficulty", "hike") for s in selected) or ("decontam" in selected and self.cfg.data.decontam.llm_judge)
+        d = self.cfg.data
+        needs_teacher = (any(s in ("generate", "solve", "difficulty", "hike") for s in selected) or ("decontam" in selected and d.decontam.llm_judge)
+                         or ("filter" in selected and d.agreement.llm_judge and d.agreement.mode == "majority"))
         if needs_teacher:
             if self.cfg.teacher.backend == "openai":
                 self.teacher.check_health()
@@ -371,6 +535,14 @@ class Pipeline:
         template = self._path(self.cfg.model.chat_template)
         if template and not Path(template).is_file():
             raise ConfigError(f"model.chat_template={self.cfg.model.chat_template!r} is not a file")
+        if "train" in selected and not self.run.is_done("train") and "WORLD_SIZE" not in os.environ:
+            from sandlab.train.validate import validate_training  # noqa: PLC0415
+
+            dataset = self.sft_dataset()
+            checked = validate_training(resolve_model_path(self.cfg.model.path), self.cfg.train, accelerate_config=self.root / self.cfg.train.accelerate_config,
+                                        chat_template_path=template, dataset_path=dataset if (self.cfg.data.dataset_path or Path(dataset).exists()) else None,
+                                        mix=self.cfg.data.mix, variants=self.cfg.data.variants)
+            log.info("training config checked: %s", checked)
         from sandlab.benchmarks import load_benchmark  # noqa: PLC0415
 
         needed = (self.cfg.eval.benchmarks if "eval" in selected else []) + (self.cfg.data.decontam.benchmarks if "decontam" in selected else [])
@@ -385,12 +557,25 @@ class Pipeline:
         selected = [s for s in self.cfg.stages if stages is None or s in stages]
         if self.cfg.data.dataset_path:
             selected = [s for s in selected if s not in DATA_STAGES]
-        self.preflight(selected)
+        merged: list[str] = []
+        if self.cfg.data.partition.count > 1:
+            prefix = self.partition_stages()
+            if self.partition_worker:
+                selected = [s for s in selected if s in prefix]
+                if not selected:
+                    raise ConfigError(f"data.partition.index is set, but none of the selected stages is one a partition runs ({list(PARTITIONED_STAGES)} leading the recipe's data stages)")
+            else:
+                merged = [s for s in selected if s in prefix]
+        for stage in selected:
+            if stage != "report" and self.run.is_done(stage):
+                self.check_stage_config(stage)
+        self.preflight([s for s in selected if s not in merged])
         main = is_main_process()  # under `accelerate launch`, only rank 0 records the run
         if main:
             self.run.write_metadata(self.raw_cfg)
         if main and self.cfg.wandb.mode != "disabled":
-            init_wandb(self.cfg.wandb, name=self.cfg.wandb.name or f"{self.cfg.recipe}-{self.run.path.name}", run_dir=str(self.run.path),
+            name = self.cfg.wandb.name or f"{self.cfg.recipe}-{self.root_run.path.name}"
+            init_wandb(self.cfg.wandb, name=f"{name}-part{self.cfg.data.partition.index}" if self.partition_worker else name, run_dir=str(self.run.path),
                        config=OmegaConf.to_container(self.raw_cfg, resolve=True))
         try:
             for stage in selected:
@@ -398,10 +583,21 @@ class Pipeline:
                     log.info("%s: already done in %s, skipping", stage, self.run.path)
                     continue
                 log.info("stage %s", stage)
-                if stage in DATA_STAGES:
+                if stage in merged:
+                    self._merge_partitions(stage)
+                elif stage in DATA_STAGES:
                     self._run_data_stage(stage)
                 else:
                     getattr(self, f"stage_{stage}")()
         finally:
             self.close()
             finish_wandb()
+
+
+def _flatten(prefix: str, node: Any) -> dict[str, Any]:
+    if isinstance(node, dict):
+        out: dict[str, Any] = {}
+        for key, value in node.items():
+            out.update(_flatten(f"{prefix}.{key}", value))
+        return out
+    return {prefix: node}

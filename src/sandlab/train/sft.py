@@ -1,7 +1,10 @@
 """Supervised fine-tuning with TRL's SFTTrainer on prompt/completion conversations.
 
-Loss is on the completion (assistant) tokens only; the tokenizer, with the chat template used in
-training, is saved beside the weights so evaluation renders prompts the same way.
+Conversations are rendered by ``ChatFormat`` (the template renders the prompt, the assistant content is
+kept verbatim, so no template can drop the reasoning trace); loss is on the completion tokens only; the
+token closing an assistant turn is the eos of tokenizer, generation config and data alike; the
+tokenizer, with the chat template used in training, is saved beside the weights so evaluation
+renders prompts the same way.
 """
 
 from __future__ import annotations
@@ -16,13 +19,14 @@ from sandlab.errors import ConfigError, EmptyDatasetError
 log = logging.getLogger(__name__)
 
 
-def load_sft_dataset(path: str):
-    """A JSONL file/dir of ``{prompt, completion}`` conversations, or a Hub dataset id."""
+def _load_one(path: str):
     import datasets  # noqa: PLC0415
 
     p = Path(path)
     if p.exists():
-        files = [str(f) for f in sorted(p.glob("*.jsonl"))] if p.is_dir() else [str(p)]
+        files = [str(f) for f in sorted(p.rglob("*.jsonl"))] if p.is_dir() else [str(p)]
+        if p.is_dir() and (p / "train.jsonl").exists():  # an export directory: its all-variants file
+            files = [str(p / "train.jsonl")]
         if not files:
             raise ConfigError(f"SFT dataset directory {p} has no *.jsonl files")
         ds = datasets.load_dataset("json", data_files=files, split="train")
@@ -31,15 +35,45 @@ def load_sft_dataset(path: str):
             ds = datasets.load_dataset(path, split="train")
         except Exception as exc:  # noqa: BLE001 (offline, missing, private: same advice)
             raise ConfigError(f"could not load SFT dataset {path!r} ({type(exc).__name__}); give a local JSONL file/dir or a reachable Hub id") from None
-    if len(ds) == 0:
-        raise EmptyDatasetError(f"SFT dataset {path} is empty; nothing to train on")
     missing = {"prompt", "completion"} - set(ds.column_names)
     if missing:
         raise ConfigError(f"SFT dataset {path} lacks columns {sorted(missing)}; expected prompt/completion conversations")
-    return ds.select_columns(["prompt", "completion"])
+    return ds
 
 
-def build_sft_config(cfg: TrainConfig, *, output_dir: str, run_name: str, seed: int, report_to: list[str]):
+def load_sft_dataset(path: str, *, mix: list[str] | tuple[str, ...] = (), variants: list[str] | tuple[str, ...] = ()):
+    """JSONL files/dirs of ``{prompt, completion}`` conversations or Hub ids, concatenated; with
+    ``variants``, only rows whose ``variant`` is listed."""
+    import datasets  # noqa: PLC0415
+
+    parts = [_load_one(p) for p in [path, *mix]]
+    if variants:
+        for p, ds in zip([path, *mix], parts):
+            if "variant" not in ds.column_names:
+                raise ConfigError(f"data.variants={list(variants)} but SFT dataset {p} has no 'variant' column")
+        parts = [ds.filter(lambda row: row["variant"] in variants, desc="select variants") for ds in parts]
+    ds = datasets.concatenate_datasets([d.select_columns(["prompt", "completion"]) for d in parts])
+    if len(ds) == 0:
+        where = f" with variants {list(variants)}" if variants else ""
+        raise EmptyDatasetError(f"SFT dataset {path}{' + ' + ', '.join(mix) if mix else ''} has no rows{where}; nothing to train on")
+    return ds
+
+
+def load_tokenizer(model_path: str, chat_template_path: str | None = None):
+    from transformers import AutoTokenizer  # noqa: PLC0415
+
+    tokenizer = AutoTokenizer.from_pretrained(model_path)
+    if chat_template_path:  # the template trained with is saved with the checkpoint, so eval renders alike
+        tokenizer.chat_template = Path(chat_template_path).read_text()
+    return tokenizer
+
+
+def render_dataset(dataset, fmt):
+    """prompt/completion conversations -> plain-text prompt/completion (see sandlab.train.formatting)."""
+    return dataset.map(lambda ex: fmt.render(ex["prompt"], ex["completion"]), remove_columns=["prompt", "completion"], desc="render conversations")
+
+
+def build_sft_config(cfg: TrainConfig, *, output_dir: str, run_name: str, seed: int, report_to: list[str], eos_token: str | None = None):
     from trl import SFTConfig  # noqa: PLC0415
 
     kwargs: dict[str, Any] = dict(
@@ -62,6 +96,7 @@ def build_sft_config(cfg: TrainConfig, *, output_dir: str, run_name: str, seed: 
         logging_steps=cfg.logging_steps,
         use_cpu=cfg.use_cpu,
         completion_only_loss=True,
+        eos_token=eos_token,
         report_to=report_to,
         model_init_kwargs={"attn_implementation": cfg.attn_implementation, "dtype": "bfloat16" if cfg.bf16 else "float32"},
     )
@@ -72,21 +107,45 @@ def build_sft_config(cfg: TrainConfig, *, output_dir: str, run_name: str, seed: 
         raise ConfigError(f"invalid training settings for trl.SFTConfig: {str(exc).splitlines()[0]}") from None
 
 
-def run_sft(model_path: str, dataset_path: str, cfg: TrainConfig, *, output_dir: str, run_name: str, seed: int, report_to: list[str], chat_template_path: str | None = None) -> str:
-    """Train and save the final model (weights + tokenizer/chat template) to ``output_dir``."""
-    from transformers import AutoTokenizer  # noqa: PLC0415
+def build_sft_trainer(model_path: str, dataset_path: str, cfg: TrainConfig, *, output_dir: str, run_name: str, seed: int, report_to: list[str],
+                      chat_template_path: str | None = None, mix: list[str] | tuple[str, ...] = (), variants: list[str] | tuple[str, ...] = ()):
     from trl import SFTTrainer  # noqa: PLC0415
 
-    dataset = load_sft_dataset(dataset_path)
-    args = build_sft_config(cfg, output_dir=output_dir, run_name=run_name, seed=seed, report_to=report_to)
-    tokenizer = AutoTokenizer.from_pretrained(model_path)
-    if chat_template_path:  # the template trained with is saved with the checkpoint, so eval renders alike
-        tokenizer.chat_template = Path(chat_template_path).read_text()
-    trainer = SFTTrainer(model=model_path, args=args, train_dataset=dataset, processing_class=tokenizer)
-    last = None
-    if any(Path(output_dir).glob("checkpoint-*")):
-        last = True  # resume from the newest checkpoint after a killed job
-    trainer.train(resume_from_checkpoint=last)
-    trainer.save_model(output_dir)
-    tokenizer.save_pretrained(output_dir)
+    from sandlab.train.formatting import ChatFormat  # noqa: PLC0415
+
+    tokenizer = load_tokenizer(model_path, chat_template_path)
+    fmt = ChatFormat.from_tokenizer(tokenizer)
+    if not fmt.template_keeps_trace:
+        log.info("the chat template drops reasoning from assistant turns; completions are rendered verbatim, so the trace is kept")
+    dataset = render_dataset(load_sft_dataset(dataset_path, mix=mix, variants=variants), fmt)
+    args = build_sft_config(cfg, output_dir=output_dir, run_name=run_name, seed=seed, report_to=report_to, eos_token=fmt.turn_end)
+    peft_config = None
+    if cfg.lora_r > 0:
+        from peft import LoraConfig  # noqa: PLC0415
+
+        targets = cfg.lora_target_modules[0] if cfg.lora_target_modules == ["all-linear"] else list(cfg.lora_target_modules)
+        peft_config = LoraConfig(r=cfg.lora_r, lora_alpha=cfg.lora_alpha, lora_dropout=cfg.lora_dropout, target_modules=targets, task_type="CAUSAL_LM")
+    return SFTTrainer(model=model_path, args=args, train_dataset=dataset, processing_class=tokenizer, peft_config=peft_config)
+
+
+def run_sft(model_path: str, dataset_path: str, cfg: TrainConfig, *, output_dir: str, run_name: str, seed: int, report_to: list[str],
+            chat_template_path: str | None = None, mix: list[str] | tuple[str, ...] = (), variants: list[str] | tuple[str, ...] = ()) -> str:
+    """Train and save the final model (weights + tokenizer/chat template) to ``output_dir``."""
+    trainer = build_sft_trainer(model_path, dataset_path, cfg, output_dir=output_dir, run_name=run_name, seed=seed, report_to=report_to,
+                                chat_template_path=chat_template_path, mix=mix, variants=variants)
+    # Resume from the newest checkpoint (sharded ZeRO-3 ones included) after a killed job.
+    from sandlab.train.checkpoints import latest_complete_checkpoint  # noqa: PLC0415
+
+    last = latest_complete_checkpoint(output_dir)
+    if last is not None:
+        log.info("resuming from %s", last)
+    trainer.train(resume_from_checkpoint=str(last) if last else None)
+    if cfg.lora_r > 0:  # evaluation (vLLM) loads a plain checkpoint: merge the adapters in
+        merged = trainer.model.merge_and_unload()
+        if trainer.accelerator.is_main_process:
+            merged.save_pretrained(output_dir)
+    else:
+        trainer.save_model(output_dir)
+    if trainer.accelerator.is_main_process:
+        trainer.processing_class.save_pretrained(output_dir)
     return output_dir
