@@ -20,7 +20,13 @@ def compose_recipe(name: str, overrides: list[str] | None = None):
 @pytest.mark.parametrize("name", TOP_LEVEL)
 def test_every_recipe_composes_and_validates(name):
     # ${now:} in the default run.dir resolves only inside a Hydra run, so pin it.
-    recipe = validate_recipe(compose_recipe(name, ["run.dir=runs/x"]))
+    overrides = ["run.dir=runs/x"]
+    composed = compose_recipe(name, overrides)
+    if "generate" not in composed.stages:  # train-only recipes name their data
+        overrides.append("data.dataset_path=/tmp/x.jsonl")
+    if "science" in composed.data.variants and composed.data.export.variant != "science":  # SAND-MathScience: + the science export
+        overrides.append("data.mix=[/tmp/science]")
+    recipe = validate_recipe(compose_recipe(name, overrides))
     assert recipe.recipe == name
     t = recipe.train
     assert t.per_device_train_batch_size * t.gradient_accumulation_steps * t.num_processes == t.global_batch_size
@@ -37,8 +43,8 @@ def test_every_group_option_composes(group):
 
 
 def test_paper_recipes_have_amd_settings():
-    for name in ("sand_math_qwen2.5_32b", "sand_mathscience_r1_distill_qwen_32b"):
-        r = validate_recipe(compose_recipe(name, ["run.dir=runs/x"]))
+    for name in ("sand_math_qwen2.5_32b", "sand_mathscience_r1_distill_qwen_32b", "sand_science_r1_distill_qwen_32b"):
+        r = validate_recipe(compose_recipe(name, ["run.dir=runs/x", "data.dataset_path=/tmp/x.jsonl"] if "science_r1" in name else ["run.dir=runs/x", "data.mix=[/tmp/s]"]))
         t = r.train
         assert (t.learning_rate, t.lr_scheduler_type, t.warmup_ratio, t.num_train_epochs) == (5e-6, "cosine", 0.0, 5)
         assert (t.per_device_train_batch_size, t.num_processes, t.gradient_accumulation_steps, t.global_batch_size) == (2, 8, 1, 16)
@@ -70,3 +76,28 @@ def test_bad_values_give_one_line_errors(overrides, message):
         validate_recipe(cfg)
     assert message in str(info.value)
     assert "\n" not in str(info.value)
+
+
+def test_fast_variants_keep_the_token_budget_per_step_and_pack():
+    for name in ("sand_math_qwen2.5_32b", "sand_mathscience_r1_distill_qwen_32b"):
+        paper = validate_recipe(compose_recipe(name, ["run.dir=runs/x", "data.mix=[/tmp/s]"])).train
+        fast = validate_recipe(compose_recipe(f"{name}_fast", ["run.dir=runs/x", "data.mix=[/tmp/s]"])).train
+        slots = lambda t: t.per_device_train_batch_size * t.gradient_accumulation_steps * t.num_processes * t.max_length  # noqa: E731
+        assert slots(fast) == slots(paper) and (fast.learning_rate, fast.num_train_epochs) == (paper.learning_rate, paper.num_train_epochs)
+        assert fast.packing and fast.use_liger_kernel and fast.gradient_checkpointing and not paper.packing
+
+
+def test_mathscience_needs_the_science_export(tmp_path):
+    """data.variants lists science, which the math data stages cannot produce: stop before anything runs."""
+    import subprocess
+    import sys
+
+    result = subprocess.run([sys.executable, "-m", "sandlab.launch.cli", "--config-name", "sand_mathscience_r1_distill_qwen_32b", f"run.dir={tmp_path}"],
+                            capture_output=True, text=True, cwd=RECIPES.parent, timeout=300, env={**__import__("os").environ, "HF_HUB_OFFLINE": "1"})
+    assert result.returncode == 2
+    assert result.stderr.strip().splitlines()[-1].startswith("error: data.variants includes ['science']")
+
+
+def test_train_only_recipes_need_a_dataset():
+    with pytest.raises(ConfigError, match="trains on an existing SFT dataset"):
+        validate_recipe(compose_recipe("sand_science_r1_distill_qwen_32b", ["run.dir=runs/x"]))

@@ -370,6 +370,16 @@ def validate_recipe(cfg: DictConfig) -> RecipeConfig:
             f"gradient_accumulation_steps x num_processes = {t.per_device_train_batch_size} x "
             f"{t.gradient_accumulation_steps} x {t.num_processes}; fix one of them"
         )
+    d = recipe.data
+    makes_data = any(s in DATA_STAGES for s in recipe.stages)
+    if "train" in recipe.stages and not makes_data and not d.dataset_path and not recipe.stage:
+        raise ConfigError(f"recipe {recipe.recipe} trains on an existing SFT dataset: set data.dataset_path=<run>/sft, a JSONL file or a Hub id")
+    if "train" in recipe.stages and makes_data and d.variants and not d.dataset_path and not d.mix:
+        produced = {d.export.variant} | ({"hiked"} if "hike" in recipe.stages else set())
+        foreign = [v for v in d.variants if v not in produced]
+        if foreign:
+            raise ConfigError(f"data.variants includes {foreign}, which this run's data stages do not produce ({sorted(produced)}); "
+                              "add their exports with data.mix=[<run>/sft, ...]")
     part = recipe.data.partition
     if part.count < 1 or (part.index is not None and not 0 <= part.index < part.count):
         raise ConfigError(f"data.partition.index={part.index} must be in [0, data.partition.count={part.count})")

@@ -52,6 +52,10 @@ def load_sft_dataset(path: str, *, mix: list[str] | tuple[str, ...] = (), varian
             if "variant" not in ds.column_names:
                 raise ConfigError(f"data.variants={list(variants)} but SFT dataset {p} has no 'variant' column")
         parts = [ds.filter(lambda row: row["variant"] in variants, desc="select variants") for ds in parts]
+        found = {v for ds in parts for v in ds.unique("variant")}
+        absent = [v for v in variants if v not in found]
+        if absent:
+            raise EmptyDatasetError(f"data.variants asks for {absent}, but no SFT dataset has rows of them; add their exports with data.mix=[...]")
     ds = datasets.concatenate_datasets([d.select_columns(["prompt", "completion"]) for d in parts])
     if len(ds) == 0:
         where = f" with variants {list(variants)}" if variants else ""
