@@ -24,6 +24,8 @@ def test_every_recipe_composes_and_validates(name):
     composed = compose_recipe(name, overrides)
     if "generate" not in composed.stages:  # train-only recipes name their data
         overrides.append("data.dataset_path=/tmp/x.jsonl")
+    if "grpo" in composed.stages and "train" not in composed.stages:  # GRPO recipes name their SFT model
+        overrides.append("rl.init_from=/tmp/sft")
     if "science" in composed.data.variants and composed.data.export.variant != "science":  # SAND-MathScience: + the science export
         overrides.append("data.mix=[/tmp/science]")
     recipe = validate_recipe(compose_recipe(name, overrides))
@@ -32,10 +34,10 @@ def test_every_recipe_composes_and_validates(name):
     assert t.per_device_train_batch_size * t.gradient_accumulation_steps * t.num_processes == t.global_batch_size
 
 
-@pytest.mark.parametrize("group", ["model", "teacher", "data", "train", "eval", "launcher"])
+@pytest.mark.parametrize("group", ["model", "teacher", "data", "train", "eval", "launcher", "rl"])
 def test_every_group_option_composes(group):
     for option in sorted(p.stem for p in (RECIPES / group).glob("*.yaml")):
-        overrides = [f"{group}={option}"]
+        overrides = [f"{'+' if group == 'rl' else ''}{group}={option}"]
         if group == "data" and option == "from_file":
             overrides.append("data.dataset_path=/tmp/x.jsonl")
         cfg = compose_recipe("demo", overrides + ["run.dir=runs/x"])

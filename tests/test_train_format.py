@@ -122,3 +122,25 @@ def test_inspect_command_shows_mask_counts_and_truncation(r1_model, tmp_path):
     bad = subprocess.run([sys.executable, "train/inspect_data.py", "--config-name", "tiny", f"data.dataset_path={tmp_path / 'missing.jsonl'}"],
                          capture_output=True, text=True, cwd=ROOT, env=env, timeout=300)
     assert bad.returncode == 2 and bad.stderr.strip().startswith("error:")
+
+
+@pytest.mark.parametrize("variant", ["lora", "packing"])
+def test_lora_merges_and_packing_trains(tiny_model_path, tmp_path, variant):
+    """LoRA (small-model recipes) ends in a plain merged checkpoint; padding-free packing trains."""
+    import torch
+    from safetensors.torch import load_file
+
+    from sandlab.train.sft import run_sft
+
+    data = tmp_path / "train.jsonl"
+    data.write_text("".join(json.dumps({"prompt": PROMPT, "completion": [{"role": "assistant", "content": f"<think>{i}</think>\\boxed{{{i}}}"}]}) + "\n"
+                            for i in range(6)))
+    extra = {"lora_r": 8, "lora_alpha": 16, "learning_rate": 1e-2} if variant == "lora" else {"packing": True, "extra_args": {"packing_strategy": "bfd"}}
+    cfg = TrainConfig(max_steps=2, per_device_train_batch_size=2, num_processes=1, global_batch_size=2, max_length=256, bf16=False,
+                      gradient_checkpointing=False, attn_implementation="sdpa", save_strategy="no", use_cpu=True, **extra)
+    out = tmp_path / "out"
+    run_sft(str(tiny_model_path), str(data), cfg, output_dir=str(out), run_name="t", seed=0, report_to=[])
+    assert not (out / "adapter_config.json").exists()  # merged: vLLM and eval load it as is
+    base, tuned = load_file(str(Path(tiny_model_path) / "model.safetensors")), load_file(str(out / "model.safetensors"))
+    assert base.keys() == tuned.keys()
+    assert any(not torch.equal(base[k], tuned[k]) for k in base)

@@ -269,6 +269,55 @@ class TrainConfig:
 
 
 @dataclass
+class RLStage:
+    """One GRPO stage; the next stage starts from this one's final weights."""
+
+    max_completion_length: int = 24576
+    learning_rate: float = 1.0e-6
+    num_train_epochs: float = 1.0
+    max_steps: int = -1
+
+
+@dataclass
+class RLConfig:
+    """GRPO on verifiable problems (AM-Thinking-v1 style): reward 1 when the shared grader accepts the
+    final answer, prompts pre-selected by pass rate (the ``passrate`` data stage with the SFT model as
+    student, strictly between 0 and 1), several stages with a rising completion limit."""
+
+    # The SFT checkpoint GRPO starts from; None: this run's trained checkpoint (train stage). The
+    # passrate stage's student may be given as "tuned" to mean the same model.
+    init_from: Optional[str] = None
+    # JSONL of {problem or prompt, answer}; None: this run's `passrate` (else `export`) output.
+    dataset_path: Optional[str] = None
+    system_prompt: str = "Please reason step by step, and put your final answer within \\boxed{}."
+    num_generations: int = 16
+    per_device_train_batch_size: int = 16
+    gradient_accumulation_steps: int = 4
+    num_processes: int = 8
+    temperature: float = 1.0
+    top_p: float = 1.0
+    beta: float = 0.0  # no KL term (DAPO, AM-Thinking)
+    epsilon: float = 0.2
+    epsilon_high: float = 0.28  # clip-higher
+    loss_type: str = "dapo"
+    # Completions cut at the limit: mask (left out of the loss), penalty (DAPO soft overlong punishment
+    # over the last overlong_buffer tokens), none.
+    overlong: str = "mask"
+    overlong_buffer: int = 4096
+    use_vllm: bool = True
+    vllm_mode: str = "colocate"
+    bf16: bool = True
+    gradient_checkpointing: bool = True
+    attn_implementation: str = "flash_attention_2"
+    use_cpu: bool = False
+    accelerate_config: str = "accelerate_configs/zero3.yaml"
+    save_strategy: str = "steps"
+    logging_steps: int = 1
+    stages: list[RLStage] = field(default_factory=lambda: [RLStage(24576, 1.0e-6), RLStage(32768, 5.0e-7)])
+    extra_args: dict[str, Any] = field(default_factory=dict)  # any further trl.GRPOConfig field
+
+
+@dataclass
 class EvalConfig:
     protocol: str = "paper"
     benchmarks: list[str] = field(default_factory=lambda: ["aime24", "aime25", "math500", "gpqa_diamond"])
@@ -322,6 +371,7 @@ class RecipeConfig:
     teacher: BackendConfig = field(default_factory=BackendConfig)
     data: DataConfig = field(default_factory=DataConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
+    rl: RLConfig = field(default_factory=RLConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
     wandb: WandbConfig = field(default_factory=WandbConfig)
     launcher: LauncherConfig = field(default_factory=LauncherConfig)
@@ -329,7 +379,7 @@ class RecipeConfig:
 
 # difficulty, hike, passrate and novelty are opt-in: add them to a recipe's `stages` (before export).
 DATA_STAGES = ("generate", "solve", "filter", "dedup", "decontam", "difficulty", "hike", "passrate", "novelty", "export")
-STAGES = (*DATA_STAGES, "train", "eval", "report")
+STAGES = (*DATA_STAGES, "train", "grpo", "eval", "report")
 BACKENDS = ("vllm", "openai", "hf")
 
 
@@ -380,6 +430,16 @@ def validate_recipe(cfg: DictConfig) -> RecipeConfig:
         if foreign:
             raise ConfigError(f"data.variants includes {foreign}, which this run's data stages do not produce ({sorted(produced)}); "
                               "add their exports with data.mix=[<run>/sft, ...]")
+    if recipe.rl.overlong not in ("mask", "penalty", "none"):
+        raise ConfigError(f"rl.overlong={recipe.rl.overlong!r} is not one of ['mask', 'penalty', 'none']")
+    if "grpo" in recipe.stages:
+        if "train" not in recipe.stages and not recipe.rl.init_from:
+            raise ConfigError("GRPO starts from an SFT checkpoint: set rl.init_from=<sft run>/checkpoints/final (or add the train stage)")
+        if not recipe.rl.stages:
+            raise ConfigError("rl.stages is empty; give at least one GRPO stage")
+        r = recipe.rl
+        if (r.per_device_train_batch_size * r.num_processes * r.gradient_accumulation_steps) % r.num_generations:
+            raise ConfigError(f"rl: per_device_train_batch_size x num_processes x gradient_accumulation_steps must be a multiple of num_generations={r.num_generations}")
     part = recipe.data.partition
     if part.count < 1 or (part.index is not None and not 0 <= part.index < part.count):
         raise ConfigError(f"data.partition.index={part.index} must be in [0, data.partition.count={part.count})")

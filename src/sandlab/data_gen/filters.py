@@ -60,6 +60,7 @@ def rate_difficulty(backend: ChatBackend, records: list[Record], cfg: Difficulty
 def filter_by_pass_rate(
     student: ChatBackend, pool: GradingPool, records: list[Record], cfg: PassRateStage, root: Path, *, seed_offset: int = 0
 ) -> tuple[list[Record], list[Record]]:
+    records = [r if r.get("answer") is not None else {**r, "answer": r.get("reference_answer")} for r in records]  # distilled/source problems
     open_ended = [r["id"] for r in records if r.get("answer") is None]
     if open_ended:
         raise ConfigError(f"the passrate stage grades answers, but {len(open_ended)} records (e.g. {open_ended[0]!r}) are open-ended tasks without one")

@@ -78,16 +78,17 @@ def load_source_problems(cfg: GenerationStage) -> list[Record]:
             raise ConfigError(f"could not load data.generate.source={source!r} ({type(exc).__name__}); use a local JSONL file") from None
     records = []
     for i, row in enumerate(rows[: cfg.source_limit] if cfg.source_limit else rows):
-        if cfg.problem_field not in row or cfg.answer_field not in row:
+        conversation = row.get("prompt") if isinstance(row.get("prompt"), list) else None  # an SFT export row
+        if (cfg.problem_field not in row and not conversation) or cfg.answer_field not in row:
             raise ConfigError(f"data.generate.source row {i + 1} lacks {cfg.problem_field!r} or {cfg.answer_field!r}; set data.generate.problem_field/answer_field")
-        problem = str(row[cfg.problem_field])
+        problem = str(row[cfg.problem_field]) if cfg.problem_field in row else next(m["content"] for m in reversed(conversation) if m["role"] == "user")
         records.append({
             "id": str(row.get("id") or stable_id("distill", problem)),
             "domain": cfg.domain,
             "problem": problem,
             "reference_answer": str(row[cfg.answer_field]),
             "reference_solution": None,
-            "answer_kind": ANSWER_KIND.get(cfg.style, "math"),
+            "answer_kind": (row.get("source") or {}).get("answer_kind") or ANSWER_KIND.get(cfg.style, "math"),
             "source_dataset": source,
         })
     return records

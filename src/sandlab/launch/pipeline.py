@@ -44,6 +44,7 @@ STAGE_CONFIG = {
     "novelty": ["data.novelty"],
     "export": ["data.export"],
     "train": ["model.path", "model.chat_template", "data.dataset_path", "data.mix", "data.variants", "train"],
+    "grpo": ["rl", "model.path"],
     "eval": ["eval"],
 }
 STAGE_HINTS = {
@@ -256,8 +257,13 @@ class Pipeline:
         from sandlab.data_gen.filters import filter_by_pass_rate  # noqa: PLC0415
         from sandlab.inference import build_backend  # noqa: PLC0415
 
-        require_fields(records, "passrate", ["answer"], "run the solve and filter stages first")
-        with build_backend(self.cfg.data.passrate.student) as student:
+        missing = [r.get("id") for r in records if r.get("answer") is None and r.get("reference_answer") is None]
+        if missing:
+            raise ConfigError(f"stage passrate: {len(missing)} records (e.g. id={missing[0]!r}) have no answer or reference_answer; run the solve and filter stages first")
+        student_cfg = self.cfg.data.passrate.student
+        if student_cfg.model == "tuned":  # the SFT model of this recipe (AM-Thinking selects RL prompts with it)
+            student_cfg = dataclasses.replace(student_cfg, model=self.sft_model())
+        with build_backend(student_cfg) as student:
             return filter_by_pass_rate(student, self.pool, records, self.cfg.data.passrate, self.root, seed_offset=offset)
 
     def data_novelty(self, records: list[Record], offset: int = 0) -> tuple[list[Record], list[Record]]:
@@ -440,23 +446,65 @@ class Pipeline:
             return
         self.mark_done("train", {"model": model_path, "dataset": dataset, "output": str(self.tuned_dir())})
 
-    def _launch_distributed_training(self) -> None:
-        """Multi-process training goes through ``accelerate launch train/sft.py`` with the same recipe."""
+    def grpo_dir(self) -> Path:
+        return self.run.path / "checkpoints" / "grpo"
+
+    def grpo_final(self) -> Path:
+        return self.grpo_dir() / f"stage-{len(self.cfg.rl.stages) - 1}"
+
+    def rl_dataset(self) -> str:
+        if self.cfg.rl.dataset_path:
+            return self.cfg.rl.dataset_path
+        for stage in ("passrate", "export"):  # pass-rate-selected prompts first
+            if (self.data_dir / f"{stage}.jsonl").exists():
+                return str(self.data_dir / f"{stage}.jsonl")
+        raise EmptyDatasetError("GRPO needs prompts with answers: run the passrate stage (the SFT model as student) or set rl.dataset_path")
+
+    def sft_model(self) -> str:
+        """The SFT checkpoint that GRPO and its prompt selection start from."""
+        from sandlab.models import resolve_model_path  # noqa: PLC0415
+
+        if self.run.is_done("train"):
+            return str(self.tuned_dir())
+        if self.cfg.rl.init_from:
+            return resolve_model_path(self.cfg.rl.init_from, what="rl.init_from")
+        raise ConfigError("no SFT model: add the train stage or set rl.init_from=<sft run>/checkpoints/final")
+
+    def stage_grpo(self) -> None:
+        self.close()
+        r = self.cfg.rl
+        start = self.sft_model()
+        dataset = self.rl_dataset()
+        if r.num_processes > 1 and "WORLD_SIZE" not in os.environ:
+            self._launch_distributed_training(entry="grpo.py", num_processes=r.num_processes, accelerate_config=r.accelerate_config)
+        else:
+            from sandlab.train.grpo import run_grpo  # noqa: PLC0415
+
+            run_grpo(start, dataset, r, output_dir=str(self.grpo_dir()), run_name=f"{self.cfg.recipe}-grpo", seed=self.cfg.run.seed,
+                     report_to=["wandb"] if self.cfg.wandb.mode != "disabled" else [], grading_timeout_s=self.cfg.eval.grading_timeout_s)
+        if not is_main_process():
+            return
+        self.mark_done("grpo", {"model": start, "dataset": dataset, "output": str(self.grpo_final())})
+
+    def _launch_distributed_training(self, entry: str = "sft.py", num_processes: int | None = None, accelerate_config: str | None = None) -> None:
+        """Multi-process training goes through ``accelerate launch train/<entry>`` with the same recipe."""
         import yaml  # noqa: PLC0415
 
         t = self.cfg.train
+        num_processes = num_processes or t.num_processes
+        accelerate_config = accelerate_config or t.accelerate_config
         # The launcher config is copied into the run directory with the DeepSpeed JSON path made
         # absolute, so the launch works from any working directory and the run records what it used.
-        acc = yaml.safe_load((self.root / t.accelerate_config).read_text()) or {}
+        acc = yaml.safe_load((self.root / accelerate_config).read_text()) or {}
         ds = acc.get("deepspeed_config") or {}
         if ds.get("deepspeed_config_file") and not Path(ds["deepspeed_config_file"]).is_absolute():
             ds["deepspeed_config_file"] = str(self.root / ds["deepspeed_config_file"])
-        acc["num_processes"] = t.num_processes
+        acc["num_processes"] = num_processes
         launcher_config = self.run.path / "accelerate_config.yaml"
         launcher_config.write_text(yaml.safe_dump(acc, sort_keys=False))
         cmd = [
             sys.executable, "-m", "accelerate.commands.launch", "--config_file", str(launcher_config),
-            "--num_processes", str(t.num_processes), str(self.root / "train" / "sft.py"),
+            "--num_processes", str(num_processes), str(self.root / "train" / entry),
             "--config-dir", str(self.run.path), "--config-name", "config", f"run.dir={self.run.path}", f"hydra.run.dir={self.run.path}",
         ]
         log.info("launching: %s", " ".join(cmd))
@@ -471,7 +519,7 @@ class Pipeline:
         self.close()
         results = {}
         for name in self.cfg.eval.models:
-            model = {"base": self.cfg.model.path, "tuned": str(self.tuned_dir())}.get(name, name)
+            model = {"base": self.cfg.model.path, "tuned": str(self.tuned_dir()), "grpo": str(self.grpo_final())}.get(name, name)
             # The base model is rendered with the recipe's template; a tuned checkpoint carries its own.
             template = self._path(self.cfg.model.chat_template) if name == "base" else None
             backend_cfg = dataclasses.replace(self.cfg.eval.backend, model=model, chat_template=template or self.cfg.eval.backend.chat_template)
@@ -528,6 +576,8 @@ class Pipeline:
                 resolve_model_path(self.cfg.teacher.model, what="teacher.model")
         if "train" in selected or ("eval" in selected and "base" in self.cfg.eval.models):
             resolve_model_path(self.cfg.model.path, what="model.path")
+        if ("grpo" in selected or ("passrate" in selected and d.passrate.student.model == "tuned")) and "train" not in self.cfg.stages:
+            self.sft_model()
         if self.cfg.data.dataset_path and "train" in selected:
             path = self.cfg.data.dataset_path
             if not Path(path).exists() and looks_like_local_path(path):

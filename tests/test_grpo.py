@@ -1,0 +1,80 @@
+"""GRPO (AM-Thinking-v1 style) on CPU: problems with answers -> pass-rate selection with the SFT model
+as student (a scripted server stands in for a 32B SFT model) -> two GRPO stages on a tiny model with
+the shared grader as reward. Plus the reward and overlong settings on their own."""
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+from chat_stub import ChatStub
+
+from sandlab.config import RLConfig, RLStage
+from sandlab.train.grpo import GraderReward, build_grpo_config, load_rl_dataset
+
+ROOT = Path(__file__).resolve().parents[1]
+PROBLEMS = [("What is 12 plus 30?", "42"), ("What is 3 times 7?", "21"), ("What is half of 50?", "25"), ("Which option is a noble gas?\n\nA) Neon\nB) Iron", "A")]
+
+
+def test_grader_reward_and_prompt_building(tmp_path):
+    path = tmp_path / "p.jsonl"
+    rows = [{"problem": "What is 12 plus 30?", "reference_answer": "42"},
+            {"prompt": [{"role": "user", "content": "Pick one"}], "answer": "B", "source": {"answer_kind": "mcq"}}]
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    ds = load_rl_dataset(str(path), "Reason.")
+    assert ds[0]["prompt"] == [{"role": "system", "content": "Reason."}, {"role": "user", "content": "What is 12 plus 30?"}]
+    assert (ds[0]["answer"], ds[1]["answer_kind"]) == ("42", "mcq")
+    reward = GraderReward()
+    try:
+        completions = [[{"role": "assistant", "content": c}] for c in ("so \\boxed{42}", "\\boxed{42.0}", "\\boxed{41}", "no answer", "The answer is (B).", "\\boxed{A}")]
+        assert reward(completions, answer=["42"] * 4 + ["B", "B"], answer_kind=["math"] * 4 + ["mcq", "mcq"]) == [1.0, 1.0, 0.0, 0.0, 1.0, 0.0]
+    finally:
+        reward.close()
+    stage = RLStage(max_completion_length=64, learning_rate=1e-6, max_steps=1)
+    masked = build_grpo_config(RLConfig(overlong="mask", use_cpu=True, bf16=False, use_vllm=False), stage, output_dir=str(tmp_path), run_name="t", seed=0, report_to=[])
+    penalty = build_grpo_config(RLConfig(overlong="penalty", use_cpu=True, bf16=False, use_vllm=False), stage, output_dir=str(tmp_path), run_name="t", seed=0, report_to=[])
+    assert masked.mask_truncated_completions and not penalty.mask_truncated_completions and penalty.reward_weights == [1.0, 1.0]
+    assert (masked.beta, masked.epsilon_high, masked.loss_type, masked.max_completion_length) == (0.0, 0.28, "dapo", 64)
+
+
+def sft_student(body):
+    """The SFT model: always right on 12+30 (too easy), never on half of 50 (too hard), half the time otherwise."""
+    prompt, n = body["messages"][-1]["content"], body.get("n", 1)
+    if "12 plus 30" in prompt:
+        answers = ["42"] * n
+    elif "half of 50" in prompt:
+        answers = ["24"] * n
+    elif "3 times 7" in prompt:
+        answers = ["21", "20"] * n
+    else:
+        answers = ["A", "B"] * n
+    return [f"Thinking.\n\\boxed{{{a}}}" for a in answers[:n]]
+
+
+def test_passrate_selection_then_two_grpo_stages(tiny_model_path, tmp_path):
+    source = tmp_path / "problems.jsonl"
+    source.write_text("".join(json.dumps({"id": f"p{i}", "problem": q, "answer": a}) + "\n" for i, (q, a) in enumerate(PROBLEMS)))
+    stub = ChatStub(sft_student)
+    run_dir = tmp_path / "run"
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "WANDB_MODE": "offline"}
+    try:
+        result = subprocess.run([sys.executable, "-m", "sandlab.launch.cli", "--config-name", "tiny", "+rl=cpu_tiny", f"rl.init_from={tiny_model_path}",
+                                 "stages=[generate,passrate,grpo]", f"data.generate.source={source}",
+                                 "data.passrate.student.backend=openai", f"data.passrate.student.base_urls=[{stub.url}]", "data.passrate.student.model=tuned",
+                                 "data.passrate.m=4", "data.passrate.prompt=data_gen/prompts/solve.txt", f"run.dir={run_dir}"],
+                                capture_output=True, text=True, cwd=ROOT, env=env, timeout=900)
+    finally:
+        stub.close()
+    assert result.returncode == 0, result.stderr[-3000:]
+    kept = [json.loads(line) for line in (run_dir / "data/passrate.jsonl").read_text().splitlines()]
+    assert sorted(r["id"] for r in kept) == ["p1", "p3"] and all(r["pass_rate"] == 0.5 for r in kept)
+    log = result.stdout + result.stderr
+    assert "GRPO stage 0: max_completion_length=8" in log and "GRPO stage 1: max_completion_length=16" in log
+    assert f"from {run_dir / 'checkpoints/grpo/stage-0'}" in log  # stage 2 starts from stage 1's weights
+    for index, limit in ((0, 8), (1, 16)):
+        stage = run_dir / f"checkpoints/grpo/stage-{index}"
+        assert (stage / "stage.done").read_text() == str(limit) and (stage / "model.safetensors").exists()
+    assert "rewards/grader_reward/mean" in log
+    done = json.loads((run_dir / "stages/grpo.done").read_text())
+    assert done["output"].endswith("stage-1") and done["dataset"].endswith("passrate.jsonl")
