@@ -100,6 +100,12 @@ def test_mathscience_needs_the_science_export(tmp_path):
     assert result.stderr.strip().splitlines()[-1].startswith("error: data.variants includes ['science']")
 
 
-def test_train_only_recipes_need_a_dataset():
-    with pytest.raises(ConfigError, match="trains on an existing SFT dataset"):
-        validate_recipe(compose_recipe("sand_science_r1_distill_qwen_32b", ["run.dir=runs/x"]))
+def test_train_only_recipes_need_a_dataset(tmp_path, tiny_model_path):
+    import os
+    import subprocess
+    import sys
+
+    result = subprocess.run([sys.executable, "train/sft.py", "--config-name", "sand_science_r1_distill_qwen_32b", f"model.path={tiny_model_path}",
+                             f"run.dir={tmp_path}"], capture_output=True, text=True, cwd=RECIPES.parent, timeout=300, env={**os.environ, "HF_HUB_OFFLINE": "1"})
+    assert result.returncode == 2
+    assert "trains on an existing SFT dataset" in result.stderr.strip().splitlines()[-1]

@@ -103,6 +103,7 @@ def test_trainer_sees_what_inspection_shows_and_checkpoint_eos_is_consistent(r1_
     eos_ids = GenerationConfig.from_pretrained(out).eos_token_id
     assert saved.eos_token == "<｜end▁of▁sentence｜>"
     assert saved.eos_token_id in (eos_ids if isinstance(eos_ids, list) else [eos_ids])
+    assert GenerationConfig.from_pretrained(out).pad_token_id == saved.pad_token_id is not None
     assert saved.chat_template == R1_TEMPLATE.read_text()
 
 
@@ -144,3 +145,31 @@ def test_lora_merges_and_packing_trains(tiny_model_path, tmp_path, variant):
     base, tuned = load_file(str(Path(tiny_model_path) / "model.safetensors")), load_file(str(out / "model.safetensors"))
     assert base.keys() == tuned.keys()
     assert any(not torch.equal(base[k], tuned[k]) for k in base)
+
+
+def test_pre_launch_validation_fails_fast_with_one_line(tiny_model_path, tmp_path):
+    from sandlab.train.validate import validate_training
+
+    ok = TrainConfig(num_processes=1, global_batch_size=2, max_length=256, bf16=False, attn_implementation="sdpa", use_cpu=True)
+    acc = ROOT / "accelerate_configs/ddp.yaml"
+    checked = validate_training(str(tiny_model_path), ok, accelerate_config=acc)
+    assert checked["turn_end"] == "<|im_end|>" and checked["max_position_embeddings"] >= 256
+    import importlib.util
+
+    import torch
+
+    bad = [
+        ({"max_length": 10**6}, "exceeds the model's max_position_embeddings"),
+        ({"num_processes": 2, "global_batch_size": 4, "accelerate_config": "accelerate_configs/missing.yaml"}, "does not exist"),
+    ]
+    if importlib.util.find_spec("flash_attn") is None:  # the CPU machines this suite runs on
+        bad.append(({"attn_implementation": "flash_attention_2"}, "needs flash-attn"))
+    if not torch.cuda.is_available():
+        bad.append(({"use_cpu": False}, "no GPU is visible"))
+    for change, message in bad:
+        cfg = TrainConfig(**{**vars(ok), **change})
+        with pytest.raises(ConfigError, match=message):
+            validate_training(str(tiny_model_path), cfg, accelerate_config=ROOT / cfg.accelerate_config)
+    with pytest.raises(ConfigError, match="lacks columns"):
+        (tmp_path / "bad.jsonl").write_text(json.dumps({"messages": []}) + "\n")
+        validate_training(str(tiny_model_path), ok, accelerate_config=acc, dataset_path=str(tmp_path / "bad.jsonl"))

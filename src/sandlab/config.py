@@ -422,8 +422,6 @@ def validate_recipe(cfg: DictConfig) -> RecipeConfig:
         )
     d = recipe.data
     makes_data = any(s in DATA_STAGES for s in recipe.stages)
-    if "train" in recipe.stages and not makes_data and not d.dataset_path and not recipe.stage:
-        raise ConfigError(f"recipe {recipe.recipe} trains on an existing SFT dataset: set data.dataset_path=<run>/sft, a JSONL file or a Hub id")
     if "train" in recipe.stages and makes_data and d.variants and not d.dataset_path and not d.mix:
         produced = {d.export.variant} | ({"hiked"} if "hike" in recipe.stages else set())
         foreign = [v for v in d.variants if v not in produced]

@@ -578,6 +578,10 @@ class Pipeline:
             resolve_model_path(self.cfg.model.path, what="model.path")
         if ("grpo" in selected or ("passrate" in selected and d.passrate.student.model == "tuned")) and "train" not in self.cfg.stages:
             self.sft_model()
+        makes_data = any(s in DATA_STAGES for s in self.cfg.stages) and not self.cfg.data.dataset_path
+        if "train" in selected and not makes_data and not self.cfg.data.dataset_path and not Path(self.sft_dataset()).exists():
+            raise ConfigError(f"recipe {self.cfg.recipe} trains on an existing SFT dataset: set data.dataset_path=<run>/sft, a JSONL file or a Hub id "
+                              f"(or run.dir=<a run with sft/train.jsonl>)")
         if self.cfg.data.dataset_path and "train" in selected:
             path = self.cfg.data.dataset_path
             if not Path(path).exists() and looks_like_local_path(path):

@@ -129,7 +129,12 @@ def build_sft_trainer(model_path: str, dataset_path: str, cfg: TrainConfig, *, o
 
         targets = cfg.lora_target_modules[0] if cfg.lora_target_modules == ["all-linear"] else list(cfg.lora_target_modules)
         peft_config = LoraConfig(r=cfg.lora_r, lora_alpha=cfg.lora_alpha, lora_dropout=cfg.lora_dropout, target_modules=targets, task_type="CAUSAL_LM")
-    return SFTTrainer(model=model_path, args=args, train_dataset=dataset, processing_class=tokenizer, peft_config=peft_config)
+    trainer = SFTTrainer(model=model_path, args=args, train_dataset=dataset, processing_class=tokenizer, peft_config=peft_config)
+    # TRL has made the turn-end token the eos of tokenizer and generation config; pad follows the tokenizer.
+    generation = trainer.model.generation_config
+    if generation is not None and tokenizer.pad_token_id is not None and generation.pad_token_id is None:
+        generation.pad_token_id = tokenizer.pad_token_id
+    return trainer
 
 
 def run_sft(model_path: str, dataset_path: str, cfg: TrainConfig, *, output_dir: str, run_name: str, seed: int, report_to: list[str],
