@@ -71,6 +71,8 @@ class GraderReward:
 def build_grpo_config(cfg: RLConfig, stage: RLStage, *, output_dir: str, run_name: str, seed: int, report_to: list[str]):
     from trl import GRPOConfig  # noqa: PLC0415
 
+    from sandlab.train.sft import trl_args  # noqa: PLC0415
+
     kwargs: dict[str, Any] = dict(
         output_dir=output_dir, run_name=run_name, seed=seed, report_to=report_to,
         learning_rate=stage.learning_rate, num_train_epochs=stage.num_train_epochs, max_steps=stage.max_steps,
@@ -85,11 +87,7 @@ def build_grpo_config(cfg: RLConfig, stage: RLStage, *, output_dir: str, run_nam
     )
     if cfg.overlong == "penalty":
         kwargs["reward_weights"] = [1.0, 1.0]
-    kwargs.update(cfg.extra_args)
-    try:
-        return GRPOConfig(**kwargs)
-    except (TypeError, ValueError) as exc:
-        raise ConfigError(f"invalid GRPO settings for trl.GRPOConfig: {str(exc).splitlines()[0]}") from None
+    return trl_args(GRPOConfig, kwargs, cfg.extra_args)
 
 
 def run_grpo(model_path: str, dataset_path: str, cfg: RLConfig, *, output_dir: str, run_name: str, seed: int, report_to: list[str],

@@ -104,11 +104,16 @@ def build_sft_config(cfg: TrainConfig, *, output_dir: str, run_name: str, seed: 
         report_to=report_to,
         model_init_kwargs={"attn_implementation": cfg.attn_implementation, "dtype": "bfloat16" if cfg.bf16 else "float32"},
     )
-    kwargs.update(cfg.extra_args)
+    return trl_args(SFTConfig, kwargs, cfg.extra_args)
+
+
+def trl_args(config_cls: type, kwargs: dict[str, Any], extra_args: dict[str, Any]):
+    """A TRL config from recipe settings plus the recipe's pass-through ``extra_args``; a bad field or
+    value is one line, not a traceback."""
     try:
-        return SFTConfig(**kwargs)
+        return config_cls(**{**kwargs, **extra_args})
     except (TypeError, ValueError) as exc:
-        raise ConfigError(f"invalid training settings for trl.SFTConfig: {str(exc).splitlines()[0]}") from None
+        raise ConfigError(f"invalid training settings for trl.{config_cls.__name__}: {str(exc).splitlines()[0]}") from None
 
 
 def build_sft_trainer(model_path: str, dataset_path: str, cfg: TrainConfig, *, output_dir: str, run_name: str, seed: int, report_to: list[str],
