@@ -7,7 +7,8 @@ import pytest
 
 from sandlab.benchmarks import load_benchmark
 from sandlab.errors import ConfigError
-from sandlab.eval.harness import gold_of, render_prompt, summarize
+from sandlab.eval.harness import gold_of, render_prompt
+from sandlab.eval.metrics import summarize
 
 pytestmark = pytest.mark.skipif(not os.environ.get("SANDLAB_BENCHMARK_DIR"), reason="needs ../shared/benchmarks")
 
@@ -40,10 +41,10 @@ def test_unknown_benchmark_and_bad_directory(monkeypatch, tmp_path: Path):
 
 def test_summarize_pass_at_1_is_mean_over_samples_per_item():
     samples = [
-        {"item_id": "a", "correct": True, "completion_tokens": 10, "finish_reason": "stop", "pred": "1"},
-        {"item_id": "a", "correct": False, "completion_tokens": 20, "finish_reason": "length", "pred": None},
-        {"item_id": "b", "correct": True, "completion_tokens": 30, "finish_reason": "stop", "pred": "2"},
-        {"item_id": "b", "correct": True, "completion_tokens": 40, "finish_reason": "stop", "pred": "2"},
+        {"item_id": "a", "sample": 0, "correct": True, "completion_tokens": 10, "finish_reason": "stop", "pred": "1"},
+        {"item_id": "a", "sample": 1, "correct": False, "completion_tokens": 20, "finish_reason": "length", "pred": None},
+        {"item_id": "b", "sample": 0, "correct": True, "completion_tokens": 30, "finish_reason": "stop", "pred": "2"},
+        {"item_id": "b", "sample": 1, "correct": True, "completion_tokens": 40, "finish_reason": "stop", "pred": "2"},
     ]
     m = summarize(samples)
     assert m["pass@1"] == pytest.approx(75.0) and m["items"] == 2 and m["samples"] == 4

@@ -298,3 +298,67 @@ def test_distillation_mode_keeps_traces_that_match_the_reference(tmp_path):
     assert sft[1]["completion"][0]["content"].startswith("Thinking it through.\nFinal answer: 21")
     dropped = [json.loads(line) for line in (run_dir / "data/filter.dropped.jsonl").read_text().splitlines()]
     assert [(d["id"], d["reason"], d["verified"]) for d in dropped] == [("p2", "reference_mismatch", 0)]
+
+
+def math_answerer(body: dict) -> list[str]:
+    """Answers MATH500 items by a fixed rule of the request seed: right on some, wrong on others."""
+    seed, n = body.get("seed") or 0, body.get("n", 1)
+    return [f"Working.\nThe final answer is \\boxed{{{(seed + i) % 3}}}." for i in range(n)]
+
+
+@pytest.mark.skipif(not SHARED_BENCHMARKS.exists(), reason="needs ../shared/benchmarks")
+def test_eval_sigkill_midway_resumes_with_identical_samples(tmp_path):
+    """Kill an evaluation after two saved chunks; the rerun generates only the missing items and its
+    samples equal an uninterrupted run's, with no duplicates."""
+    stub = ChatStub(math_answerer, delay_s=0.3)
+    common = ["eval.backend.backend=openai", f"eval.backend.base_urls=[{stub.url}]", "eval.backend.max_concurrency=1", "eval.models=[stub]",
+              "eval.benchmarks=[math500]", "eval.limit=12", "eval.chunk_size=2", "eval.sampling.default.n=2", "eval.sampling.default.temperature=0.7", "eval.sampling.default.seed=5",
+              "stages=[eval]"]
+    entry = ("eval/run.py",)
+    try:
+        whole = run_sandlab(*common, f"run.dir={tmp_path / 'whole'}", entry=entry)
+        assert whole.returncode == 0, whole.stderr[-2000:]
+        killed = tmp_path / "killed"
+        env = {**os.environ, "HF_HUB_OFFLINE": "1", "SANDLAB_BENCHMARK_DIR": str(SHARED_BENCHMARKS), "WANDB_MODE": "offline"}
+        proc = subprocess.Popen([sys.executable, *entry, "--config-name", "tiny", *common, f"run.dir={killed}"], cwd=ROOT, env=env,
+                                stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+        chunks = killed / "eval/stub/math500/samples.chunks-2"
+        deadline = time.monotonic() + 300
+        while len(list(chunks.glob("*.jsonl"))) < 2 and time.monotonic() < deadline and proc.poll() is None:
+            time.sleep(0.02)
+        os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait()
+        finished = len(list(chunks.glob("*.jsonl")))
+        assert 2 <= finished < 6 and not (killed / "eval/stub/math500/metrics.json").exists()
+        before = stub.requests
+        rerun = run_sandlab(*common, f"run.dir={killed}", entry=entry)
+        assert rerun.returncode == 0, rerun.stderr[-2000:]
+    finally:
+        stub.close()
+    read = lambda p: [json.loads(line) for line in p.read_text().splitlines()]  # noqa: E731
+    resumed, straight = read(killed / "eval/stub/math500/samples.jsonl"), read(tmp_path / "whole/eval/stub/math500/samples.jsonl")
+    assert resumed == straight and len({(s["item_id"], s["sample"]) for s in resumed}) == len(resumed) == 24
+    assert stub.requests - before == 12 - 2 * finished  # one request per missing item
+    metrics = json.loads((killed / "eval/stub/math500/metrics.json").read_text())
+    assert metrics["samples_per_item"] == 2 and "pass@2" in metrics and "maj@2" in metrics and metrics["protocol"] == "demo"
+
+
+@pytest.mark.skipif(not SHARED_BENCHMARKS.exists(), reason="needs ../shared/benchmarks")
+def test_paper_table_from_labelled_models(tmp_path):
+    """Two labelled models (a scripted server stands in for 32B checkpoints) -> eval with the paper
+    protocol on slices -> tables/table1.{md,csv,png} with the published numbers beside."""
+    stub = ChatStub(math_answerer)
+    try:
+        result = run_sandlab("--config-name", "paper_table1", "eval.backend.backend=openai", f"eval.backend.base_urls=[{stub.url}]",
+                             "eval.models=['Qwen2.5-32B-Instruct=stub-a','SAND-Math-Qwen2.5-32B=stub-b']", "eval.limit=3",
+                             "eval.sampling.aime24.n=2", "eval.sampling.aime25.n=2", "eval.sampling.aime24.max_tokens=64", "eval.sampling.aime25.max_tokens=64",
+                             "eval.sampling.default.max_tokens=64", "eval.backend.max_model_len=1024", f"run.dir={tmp_path}", "wandb.mode=disabled")
+    finally:
+        stub.close()
+    assert result.returncode == 0, result.stderr[-3000:]
+    md = (tmp_path / "tables/table1.md").read_text()
+    sand = next(line for line in md.splitlines() if line.startswith("| SAND-Math-Qwen2.5-32B |"))
+    assert "(74.01, " in sand and "(92.05, " in sand and "(60.8, " in sand
+    gpqa = [json.loads(line) for line in (tmp_path / "eval/SAND-Math-Qwen2.5-32B/gpqa_diamond/samples.jsonl").read_text().splitlines()]
+    assert {s["gold"] for s in gpqa} == {"A"}  # the paper protocol lists the correct option first
+    assert (tmp_path / "tables/table1.png").exists() and (tmp_path / "tables/table1.csv").exists()

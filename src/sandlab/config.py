@@ -326,8 +326,17 @@ class EvalConfig:
     # Per-benchmark sampling; keys are benchmark names, "default" applies to the rest.
     sampling: dict[str, SamplingSettings] = field(default_factory=dict)
     backend: BackendConfig = field(default_factory=BackendConfig)
-    models: list[str] = field(default_factory=lambda: ["tuned"])  # base | tuned | <path or hub id>
+    # Each entry: base | tuned | grpo | <path or Hub id>, optionally labelled "<label>=<model>" (the
+    # label names the row in results and paper tables).
+    models: list[str] = field(default_factory=lambda: ["tuned"])
+    # table1 | table2: the report also writes the paper's table (eval/published.yaml) with measured values.
+    table: Optional[str] = None
     grading_timeout_s: float = 5.0
+    # Multiple-choice option order: as_is (the benchmark file's), correct_first (AMD's GPQA file: the
+    # paper protocol), shuffled (a fixed permutation per question from option_seed: the standard one).
+    option_order: str = "as_is"
+    option_seed: int = 0
+    chunk_size: int = 64  # items per saved chunk of samples: a killed evaluation resumes at the first unfinished one
 
 
 @dataclass
@@ -428,6 +437,10 @@ def validate_recipe(cfg: DictConfig) -> RecipeConfig:
         if foreign:
             raise ConfigError(f"data.variants includes {foreign}, which this run's data stages do not produce ({sorted(produced)}); "
                               "add their exports with data.mix=[<run>/sft, ...]")
+    if recipe.eval.table is not None and recipe.eval.table not in ("table1", "table2"):
+        raise ConfigError(f"eval.table={recipe.eval.table!r} is not one of ['table1', 'table2']")
+    if recipe.eval.option_order not in ("as_is", "correct_first", "shuffled"):
+        raise ConfigError(f"eval.option_order={recipe.eval.option_order!r} is not one of ['as_is', 'correct_first', 'shuffled']")
     if recipe.rl.overlong not in ("mask", "penalty", "none"):
         raise ConfigError(f"rl.overlong={recipe.rl.overlong!r} is not one of ['mask', 'penalty', 'none']")
     if "grpo" in recipe.stages:

@@ -142,25 +142,44 @@ def write_results(results: dict[str, dict[str, dict[str, Any]]], funnel: list[di
     benchmarks = sorted({b for per_model in results.values() for b in per_model})
     with open(run_dir / "results.csv", "w", newline="") as fh:
         writer = csv.writer(fh)
-        writer.writerow(["model", "benchmark", "pass@1", "items", "samples", "mean_output_tokens", "truncated_share", "no_answer_share"])
+        writer.writerow(["model", "benchmark", "pass@1", "pass@1_std", "ci95_low", "ci95_high", "maj@k", "pass@k", "items", "samples",
+                         "mean_output_tokens", "truncated_share", "no_answer_share"])
         for model, per_bench in results.items():
             for bench in benchmarks:
                 m = per_bench.get(bench)
                 if m:
-                    writer.writerow([model, bench, f"{m['pass@1']:.2f}", m["items"], m["samples"], f"{m['mean_output_tokens']:.1f}", f"{m['truncated_share']:.3f}", f"{m['no_answer_share']:.3f}"])
+                    lo, hi = m.get("pass@1_ci95", [None, None])
+                    k = m.get("samples_per_item", 1)
+                    writer.writerow([model, bench, f"{m['pass@1']:.2f}", f"{m.get('pass@1_std', 0.0):.2f}", _fmt(lo), _fmt(hi), _fmt(m.get(f"maj@{k}")),
+                                     _fmt(m.get(f"pass@{k}")), m["items"], m["samples"], f"{m['mean_output_tokens']:.1f}", f"{m['truncated_share']:.3f}",
+                                     f"{m['no_answer_share']:.3f}"])
     lines = [f"# {title}", ""]
     if funnel:
         lines += ["## Data funnel", "", *funnel_markdown(funnel), "", "![funnel](funnel.png)", ""]
         if (run_dir / "distributions.png").exists():
             lines += ["![distributions](distributions.png)", ""]
     if results:
-        lines += ["## Evaluation (pass@1, %)", "", "| model | " + " | ".join(benchmarks) + " |", "|---" * (len(benchmarks) + 1) + "|"]
+        lines += ["## Evaluation (pass@1 %, ± std across sample sets, [bootstrap 95% interval])", "", "| model | " + " | ".join(benchmarks) + " |",
+                  "|---" * (len(benchmarks) + 1) + "|"]
         for model, per_bench in results.items():
-            cells = [f"{per_bench[b]['pass@1']:.1f}" if b in per_bench else "-" for b in benchmarks]
+            cells = [_pass_cell(per_bench[b]) if b in per_bench else "-" for b in benchmarks]
             lines.append(f"| {model} | " + " | ".join(cells) + " |")
     text = "\n".join(lines) + "\n"
     (run_dir / "report.md").write_text(text)
     return text
+
+
+def _fmt(value: float | None) -> str:
+    return "" if value is None else f"{value:.2f}"
+
+
+def _pass_cell(m: dict[str, Any]) -> str:
+    cell = f"{m['pass@1']:.1f}"
+    if m.get("pass@1_std"):
+        cell += f" ± {m['pass@1_std']:.1f}"
+    if m.get("pass@1_ci95"):
+        cell += f" [{m['pass@1_ci95'][0]:.1f}, {m['pass@1_ci95'][1]:.1f}]"
+    return cell
 
 
 def print_results(results: dict[str, dict[str, dict[str, Any]]], funnel: list[dict[str, Any]]) -> None:

@@ -1,72 +1,97 @@
-"""The project's own evaluation harness: benchmark prompts -> backend -> shared grader -> metrics."""
+"""The project's own evaluation harness: benchmark prompts -> backend -> shared grader -> metrics.
+
+Generation runs in chunks of ``eval.chunk_size`` items; each finished chunk of samples is saved
+atomically, so a killed evaluation resumes at the first unfinished chunk, and sampling seeds follow
+each item's position, so the resumed samples equal an uninterrupted run's.
+"""
 
 from __future__ import annotations
 
-import statistics
+import json
+import random
+import shutil
 from pathlib import Path
 from typing import Any
 
 from sandlab.benchmarks import load_benchmark
 from sandlab.config import EvalConfig, SamplingSettings
+from sandlab.eval.metrics import summarize
 from sandlab.grading import GradeItem, GradingPool
-from sandlab.inference.base import ChatBackend, SamplingConfig
+from sandlab.inference.base import ChatBackend, sampling_from
 from sandlab.records import read_jsonl, write_json, write_jsonl
 
 LETTERS = "ABCD"
 
 
-def render_prompt(item: dict[str, Any], system_prompt: str) -> list[dict[str, str]]:
+def arrange_options(item: dict[str, Any], order: str, seed: int = 0) -> tuple[list[str], int]:
+    """Multiple-choice options in the protocol's order and the index of the correct one.
+
+    ``as_is``: as the benchmark file lists them; ``correct_first``: the correct option is A (AMD's
+    GPQA file, the paper protocol); ``shuffled``: a fixed permutation per question (seed + item id).
+    """
+    options, answer = list(item["options"]), int(item["answer"])
+    if order == "as_is":
+        return options, answer
+    if order == "correct_first":
+        return [options[answer]] + [o for i, o in enumerate(options) if i != answer], 0
+    if order == "shuffled":
+        perm = list(range(len(options)))
+        random.Random(f"{seed}:{item['id']}").shuffle(perm)
+        return [options[i] for i in perm], perm.index(answer)
+    raise ValueError(f"unknown option order {order!r}; use as_is, correct_first or shuffled")
+
+
+def render_prompt(item: dict[str, Any], system_prompt: str, option_order: str = "as_is", option_seed: int = 0) -> list[dict[str, str]]:
     content = item["problem"]
     if item["kind"] == "mcq":
-        options = "\n".join(f"{LETTERS[i]}) {opt}" for i, opt in enumerate(item["options"]))
-        content = f"{content}\n\n{options}\n\nAnswer with the letter of the correct option."
+        options, _ = arrange_options(item, option_order, option_seed)
+        listed = "\n".join(f"{LETTERS[i]}) {opt}" for i, opt in enumerate(options))
+        content = f"{content}\n\n{listed}\n\nAnswer with the letter of the correct option."
     conv = [{"role": "system", "content": system_prompt}] if system_prompt else []
     return conv + [{"role": "user", "content": content}]
 
 
-def gold_of(item: dict[str, Any]) -> str:
-    return LETTERS[item["answer"]] if item["kind"] == "mcq" else item["answer"]
+def gold_of(item: dict[str, Any], option_order: str = "as_is", option_seed: int = 0) -> str:
+    return LETTERS[arrange_options(item, option_order, option_seed)[1]] if item["kind"] == "mcq" else item["answer"]
 
 
 def sampling_for(cfg: EvalConfig, benchmark: str) -> SamplingSettings:
     return cfg.sampling.get(benchmark) or cfg.sampling.get("default") or SamplingSettings()
 
 
-def summarize(samples: list[dict[str, Any]]) -> dict[str, Any]:
-    by_item: dict[str, list[dict[str, Any]]] = {}
-    for s in samples:
-        by_item.setdefault(s["item_id"], []).append(s)
-    per_item = [statistics.fmean(float(s["correct"]) for s in group) for group in by_item.values()]
-    return {
-        "items": len(by_item),
-        "samples": len(samples),
-        "pass@1": 100.0 * statistics.fmean(per_item) if per_item else 0.0,
-        "mean_output_tokens": statistics.fmean(s["completion_tokens"] for s in samples) if samples else 0.0,
-        "truncated_share": statistics.fmean(s["finish_reason"] == "length" for s in samples) if samples else 0.0,
-        "no_answer_share": statistics.fmean(s["pred"] is None for s in samples) if samples else 0.0,
-    }
+def _generate_chunk(backend: ChatBackend, pool: GradingPool, items: list[dict[str, Any]], start: int, benchmark: str, cfg: EvalConfig) -> list[dict[str, Any]]:
+    settings = sampling_for(cfg, benchmark)
+    conversations = [render_prompt(item, cfg.system_prompt, cfg.option_order, cfg.option_seed) for item in items]
+    golds = [gold_of(item, cfg.option_order, cfg.option_seed) for item in items]
+    outputs = backend.generate(conversations, sampling_from(settings, n=settings.n, offset=start), desc=f"eval {benchmark} [{start}:{start + len(items)}]")
+    flat = [(item, gold, conv, k, c) for item, gold, conv, comps in zip(items, golds, conversations, outputs) for k, c in enumerate(comps)]
+    grades = pool.grade_many([GradeItem(response=c.text if c.ok else "", gold=gold, kind=item["kind"]) for item, gold, _, _, c in flat], desc=f"grade {benchmark}")
+    return [
+        {
+            "item_id": item["id"], "sample": k, "benchmark": benchmark, "prompt": conv, "output": c.text,
+            "pred": g.pred, "gold": gold, "correct": g.correct, "finish_reason": c.finish_reason,
+            "completion_tokens": c.completion_tokens,
+        }
+        for (item, gold, conv, k, c), g in zip(flat, grades)
+    ]
 
 
 def evaluate_benchmark(backend: ChatBackend, pool: GradingPool, benchmark: str, cfg: EvalConfig, out_dir: Path) -> dict[str, Any]:
-    """Generate, grade and save every sample of one benchmark; a finished benchmark is not redone."""
+    """Generate, grade and save every sample of one benchmark; finished chunks are not redone."""
     samples_path, metrics_path = out_dir / "samples.jsonl", out_dir / "metrics.json"
     if samples_path.exists() and metrics_path.exists():
-        return summarize(read_jsonl(samples_path))
+        return json.loads(metrics_path.read_text())
     items = load_benchmark(benchmark, limit=cfg.limit)
-    settings = sampling_for(cfg, benchmark)
-    conversations = [render_prompt(item, cfg.system_prompt) for item in items]
-    outputs = backend.generate(conversations, SamplingConfig(**vars(settings)), desc=f"eval {benchmark}")
-    flat = [(item, conv, k, c) for item, conv, comps in zip(items, conversations, outputs) for k, c in enumerate(comps)]
-    grades = pool.grade_many([GradeItem(response=c.text if c.ok else "", gold=gold_of(item), kind=item["kind"]) for item, _, _, c in flat], desc=f"grade {benchmark}")
-    samples = [
-        {
-            "item_id": item["id"], "sample": k, "benchmark": benchmark, "prompt": conv, "output": c.text,
-            "pred": g.pred, "gold": gold_of(item), "correct": g.correct, "finish_reason": c.finish_reason,
-            "completion_tokens": c.completion_tokens,
-        }
-        for (item, conv, k, c), g in zip(flat, grades)
-    ]
+    size = max(1, cfg.chunk_size)
+    chunks = out_dir / f"samples.chunks-{size}"
+    samples: list[dict[str, Any]] = []
+    for start in range(0, len(items), size):
+        path = chunks / f"{start // size:06d}.jsonl"
+        if not path.exists():
+            write_jsonl(path, _generate_chunk(backend, pool, items[start : start + size], start, benchmark, cfg))
+        samples += read_jsonl(path)
     write_jsonl(samples_path, samples)
-    metrics = summarize(samples)
+    metrics = {"protocol": cfg.protocol, **summarize(samples, seed=cfg.option_seed)}
     write_json(metrics_path, metrics)
+    shutil.rmtree(chunks, ignore_errors=True)
     return metrics

@@ -518,16 +518,23 @@ class Pipeline:
 
         self.close()
         results = {}
-        for name in self.cfg.eval.models:
-            model = {"base": self.cfg.model.path, "tuned": str(self.tuned_dir()), "grpo": str(self.grpo_final())}.get(name, name)
+        for entry in self.cfg.eval.models:
+            name, target = self.eval_target(entry)
+            model = {"base": self.cfg.model.path, "tuned": str(self.tuned_dir()), "grpo": str(self.grpo_final())}.get(target, target)
             # The base model is rendered with the recipe's template; a tuned checkpoint carries its own.
-            template = self._path(self.cfg.model.chat_template) if name == "base" else None
+            template = self._path(self.cfg.model.chat_template) if target == "base" else None
             backend_cfg = dataclasses.replace(self.cfg.eval.backend, model=model, chat_template=template or self.cfg.eval.backend.chat_template)
             out = self.run.sub("eval", name.replace("/", "__"))
             with build_backend(backend_cfg) as backend:
                 results[name] = {b: evaluate_benchmark(backend, self.pool, b, self.cfg.eval, out / b) for b in self.cfg.eval.benchmarks}
         write_json(self.run.path / "eval" / "results.json", results)
         self.mark_done("eval", {"models": list(results)})
+
+    @staticmethod
+    def eval_target(entry: str) -> tuple[str, str]:
+        """``label=model`` -> (label, model); a bare entry labels itself."""
+        label, sep, target = entry.partition("=")
+        return (label.strip(), target.strip()) if sep else (entry, entry)
 
     def stage_report(self) -> None:
         funnel = self.funnel()
@@ -541,6 +548,10 @@ class Pipeline:
             rows = [{**r, "difficulty": rated.get(r["id"])} for r in read_jsonl(final)]
             plot_distributions(rows, self.run.path / "distributions.png")
         write_results(results, funnel, self.run.path, title=f"sandlab run: {self.cfg.recipe}")
+        if self.cfg.eval.table and results:
+            from sandlab.eval.tables import write_table  # noqa: PLC0415
+
+            log.info("paper table: %s", write_table(self.cfg.eval.table, results, self.run.path / "tables"))
         print_results(results, funnel)
         self._log_to_wandb(results, funnel)
         log.info("report: %s", self.run.path / "report.md")
@@ -574,7 +585,7 @@ class Pipeline:
                 self.teacher.check_health()
             else:
                 resolve_model_path(self.cfg.teacher.model, what="teacher.model")
-        if "train" in selected or ("eval" in selected and "base" in self.cfg.eval.models):
+        if "train" in selected or ("eval" in selected and "base" in [self.eval_target(e)[1] for e in self.cfg.eval.models]):
             resolve_model_path(self.cfg.model.path, what="model.path")
         if ("grpo" in selected or ("passrate" in selected and d.passrate.student.model == "tuned")) and "train" not in self.cfg.stages:
             self.sft_model()
@@ -602,7 +613,8 @@ class Pipeline:
         needed = (self.cfg.eval.benchmarks if "eval" in selected else []) + (self.cfg.data.decontam.benchmarks if "decontam" in selected else [])
         for name in dict.fromkeys(needed):
             load_benchmark(name, limit=1)
-        if "eval" in selected and "tuned" in self.cfg.eval.models and "train" not in selected and not self.tuned_dir().exists():
+        targets = [self.eval_target(e)[1] for e in self.cfg.eval.models]
+        if "eval" in selected and "tuned" in targets and "train" not in selected and not self.tuned_dir().exists():
             raise EmptyDatasetError(f"eval.models has 'tuned' but {self.tuned_dir()} does not exist; train first or set run.dir to a trained run")
 
     def run_stages(self, stages: list[str] | None = None) -> None:
