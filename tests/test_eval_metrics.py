@@ -71,5 +71,9 @@ def test_paper_table_puts_published_numbers_beside_measured_ones(tmp_path):
     sand = next(r for r in rows if r["model"] == "SAND-Math-Qwen2.5-32B" and r["benchmark"] == "aime24")
     assert (float(sand["measured"]), float(sand["published"]), sand["inside_ci"]) == (72.0, 74.01, "True")
     assert (tmp_path / "table1.png").stat().st_size > 5000
+    assert "`None` protocol" in md  # these hand-made results name none
     with pytest.raises(Exception, match="table3"):
         write_table("table3", measured, tmp_path)
+    measured["my-model"]["aime24"]["protocol"] = "standard"
+    with pytest.raises(Exception, match="several protocols"):
+        write_table("table1", measured, tmp_path)

@@ -58,11 +58,16 @@ def write_table(table: str, measured: dict[str, dict[str, dict[str, Any]]], out_
     import matplotlib.pyplot as plt  # noqa: PLC0415
 
     published = published or load_published()
+    protocols = sorted({str(m.get("protocol")) for per_bench in measured.values() for m in per_bench.values()})
+    if len(protocols) > 1:  # never mix protocols silently
+        raise ConfigError(f"measured results come from several protocols {protocols}; tabulate one protocol at a time")
     rows = table_rows(table, measured, published)
     benches = published["benchmarks"]
     out_dir.mkdir(parents=True, exist_ok=True)
     title = published["tables"][table]["title"]
-    lines = [f"# {title}", "", f"measured pass@1 (published, difference, whether the published value lies in the measured bootstrap 95% interval); source: {published['source']}", "",
+    protocol = protocols[0] if protocols else "none"
+    lines = [f"# {title}", "", f"Measured pass@1 with the `{protocol}` protocol (published, difference, whether the published value lies in the "
+             f"measured bootstrap 95% interval). Published numbers: {published['source']}; they use AMD's protocol (`paper`).", "",
              "| model | " + " | ".join(LABELS.get(b, b) for b in benches) + " |", "|---" * (len(benches) + 1) + "|"]
     lines += [f"| {r['model']} | " + " | ".join(_cell(r[b]) for b in benches) + " |" for r in rows]
     (out_dir / f"{table}.md").write_text("\n".join(lines) + "\n")

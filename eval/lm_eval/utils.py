@@ -1,0 +1,92 @@
+"""Helpers of the sandlab lm-eval tasks: the same benchmark items, prompt text, option order, answer
+extraction and grader as sandlab's own harness (`sandlab.eval.harness`), so both give the same
+per-sample grades.
+
+    lm_eval --model vllm --model_args pretrained=<ckpt>,max_model_len=32768 --include_path eval/lm_eval \\
+        --tasks sand_paper --apply_chat_template \\
+        --system_instruction "Please reason step by step, and put your final answer within \\boxed{}." --log_samples --output_path out/
+
+Benchmarks load like everywhere in sandlab: from the Hub, or from SANDLAB_BENCHMARK_DIR when set.
+"""
+
+from __future__ import annotations
+
+import statistics
+
+import datasets
+
+from sandlab.benchmarks import load_benchmark
+from sandlab.eval.harness import gold_of, render_prompt
+from sandlab.grading import grade
+
+
+def _dataset(name: str) -> datasets.DatasetDict:
+    items = load_benchmark(name)
+    return datasets.DatasetDict({"test": datasets.Dataset.from_list(items)})
+
+
+def load_aime24(**_: object) -> datasets.DatasetDict:
+    return _dataset("aime24")
+
+
+def load_aime25(**_: object) -> datasets.DatasetDict:
+    return _dataset("aime25")
+
+
+def load_math500(**_: object) -> datasets.DatasetDict:
+    return _dataset("math500")
+
+
+def load_gpqa_diamond(**_: object) -> datasets.DatasetDict:
+    return _dataset("gpqa_diamond")
+
+
+# Prompt text (the user message; the system prompt comes from --system_instruction) and gold answer.
+def doc_to_text(doc: dict) -> str:
+    return render_prompt(doc, "")[-1]["content"]
+
+
+def doc_to_target(doc: dict) -> str:
+    return gold_of(doc)
+
+
+def doc_to_text_correct_first(doc: dict) -> str:  # the paper protocol's GPQA (AMD's file lists the correct option first)
+    return render_prompt(doc, "", "correct_first")[-1]["content"]
+
+
+def doc_to_target_correct_first(doc: dict) -> str:
+    return gold_of(doc, "correct_first")
+
+
+def doc_to_text_shuffled(doc: dict) -> str:  # the standard protocol's GPQA (a fixed permutation per question)
+    return render_prompt(doc, "", "shuffled", 0)[-1]["content"]
+
+
+def doc_to_target_shuffled(doc: dict) -> str:
+    return gold_of(doc, "shuffled", 0)
+
+
+def keep_all_repeats(resps: list[list[str]], docs: list[dict]) -> list[list[str]]:
+    """The filter: every repeat goes on to scoring (lm-eval's default keeps only the first)."""
+    return resps
+
+
+def _score(doc: dict, responses: list[str], gold: str) -> dict[str, float]:
+    grades = [grade(r, gold, kind=doc["kind"]).correct for r in responses]
+    return {"pass@1": statistics.fmean(float(g) for g in grades), "first_sample": float(grades[0])}
+
+
+def process_results(doc: dict, results: list) -> dict[str, float]:
+    """Mean pass@1 over all repeats of one document, graded by sandlab's grader."""
+    responses = results[0] if isinstance(results[0], list) else list(results)
+    return _score(doc, responses, gold_of(doc))
+
+
+def process_results_correct_first(doc: dict, results: list) -> dict[str, float]:
+    responses = results[0] if isinstance(results[0], list) else list(results)
+    return _score(doc, responses, gold_of(doc, "correct_first"))
+
+
+def process_results_shuffled(doc: dict, results: list) -> dict[str, float]:
+    responses = results[0] if isinstance(results[0], list) else list(results)
+    return _score(doc, responses, gold_of(doc, "shuffled", 0))
