@@ -41,6 +41,19 @@ def sft_file(tmp_path_factory):
     return path
 
 
+def kill_after_saved_pieces(args: list[str], directory: Path, pattern: str, count: int) -> int:
+    """Start ``python <args>``, SIGKILL its process group once ``count`` files match ``pattern`` in
+    ``directory`` (saved shards or chunks), and return how many had been saved."""
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "SANDLAB_BENCHMARK_DIR": str(SHARED_BENCHMARKS), "WANDB_MODE": "offline"}
+    proc = subprocess.Popen([sys.executable, *args], cwd=ROOT, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+    deadline = time.monotonic() + 300
+    while len(list(directory.glob(pattern))) < count and time.monotonic() < deadline and proc.poll() is None:
+        time.sleep(0.02)
+    os.killpg(proc.pid, signal.SIGKILL)
+    proc.wait()
+    return len(list(directory.glob(pattern)))
+
+
 PROBLEM_TEMPLATES = [
     "Tom has {a} apples and buys {b} more. How many apples does he have now?",
     "A train travels {a} km in the morning and {b} km in the afternoon. How far does it travel in total?",
@@ -113,16 +126,8 @@ def test_sigkill_midway_then_rerun_equals_uninterrupted_run(tmp_path):
         requests_full = teacher.requests
 
         killed = tmp_path / "killed"
-        env = {**os.environ, "HF_HUB_OFFLINE": "1", "SANDLAB_BENCHMARK_DIR": str(SHARED_BENCHMARKS), "WANDB_MODE": "offline"}
-        proc = subprocess.Popen([sys.executable, *entry, "--config-name", "tiny", *common, f"run.dir={killed}"], cwd=ROOT, env=env,
-                                stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
         shards = killed / "data" / "solve.shards-2"
-        deadline = time.monotonic() + 300
-        while len(list(shards.glob("*.json"))) < 2 and time.monotonic() < deadline and proc.poll() is None:
-            time.sleep(0.02)
-        os.killpg(proc.pid, signal.SIGKILL)
-        proc.wait()
-        finished = len(list(shards.glob("*.json")))
+        finished = kill_after_saved_pieces([*entry, "--config-name", "tiny", *common, f"run.dir={killed}"], shards, "*.json", 2)
         assert 2 <= finished < 6 and not (killed / "stages/solve.done").exists()
 
         before = teacher.requests
@@ -319,16 +324,8 @@ def test_eval_sigkill_midway_resumes_with_identical_samples(tmp_path):
         whole = run_sandlab(*common, f"run.dir={tmp_path / 'whole'}", entry=entry)
         assert whole.returncode == 0, whole.stderr[-2000:]
         killed = tmp_path / "killed"
-        env = {**os.environ, "HF_HUB_OFFLINE": "1", "SANDLAB_BENCHMARK_DIR": str(SHARED_BENCHMARKS), "WANDB_MODE": "offline"}
-        proc = subprocess.Popen([sys.executable, *entry, "--config-name", "tiny", *common, f"run.dir={killed}"], cwd=ROOT, env=env,
-                                stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
         chunks = killed / "eval/stub/math500/samples.chunks-2"
-        deadline = time.monotonic() + 300
-        while len(list(chunks.glob("*.jsonl"))) < 2 and time.monotonic() < deadline and proc.poll() is None:
-            time.sleep(0.02)
-        os.killpg(proc.pid, signal.SIGKILL)
-        proc.wait()
-        finished = len(list(chunks.glob("*.jsonl")))
+        finished = kill_after_saved_pieces([*entry, "--config-name", "tiny", *common, f"run.dir={killed}"], chunks, "*.jsonl", 2)
         assert 2 <= finished < 6 and not (killed / "eval/stub/math500/metrics.json").exists()
         before = stub.requests
         rerun = run_sandlab(*common, f"run.dir={killed}", entry=entry)
