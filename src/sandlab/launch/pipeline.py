@@ -86,6 +86,7 @@ class Pipeline:
         self._teacher = None
         self._pool = None
         self._input_offset: int | None = None
+        self._requests: list[Record] | None = None
 
     # ---- shared services, created on first use -------------------------------------------------
     @property
@@ -137,11 +138,13 @@ class Pipeline:
         return self._input_offset
 
     def _all_requests(self) -> list[Record]:
+        """Every generation request (or source problem) of the run, built once per process."""
         from sandlab.data_gen.generate import build_requests, load_source_problems  # noqa: PLC0415
 
-        if self.cfg.data.generate.source:
-            return load_source_problems(self.cfg.data.generate)
-        return build_requests(self.cfg.data.generate, self.root, self.cfg.run.seed)
+        if self._requests is None:
+            g = self.cfg.data.generate
+            self._requests = load_source_problems(g) if g.source else build_requests(g, self.root, self.cfg.run.seed)
+        return self._requests
 
     # ---- stage config fingerprints (resume safety) -------------------------------------------
     def stage_config(self, stage: str) -> dict[str, Any]:
