@@ -128,7 +128,15 @@ def inspect_main(argv: list[str] | None = None) -> None:
         sys.exit(2)
 
 
+# vLLM's engine processes can leave semaphores for Python's resource tracker to reap at exit; its
+# warning would then print after a run's one-line error. The tracker is a child process started
+# later, so it reads this from the environment.
+QUIET_RESOURCE_TRACKER = "ignore:resource_tracker:UserWarning"
+
+
 def run(stages: Sequence[str] | None = None, default_recipe: str = "demo") -> None:
+    warnings = os.environ.get("PYTHONWARNINGS")
+    os.environ["PYTHONWARNINGS"] = f"{warnings},{QUIET_RESOURCE_TRACKER}" if warnings else QUIET_RESOURCE_TRACKER
     precheck_overrides(sys.argv[1:], default_recipe)
     make_main(stages, default_recipe)()
 
