@@ -15,6 +15,7 @@ CORE = [
     "accelerate>=1.10,<2",
     "hydra-core>=1.3,<1.4",
     "hydra-submitit-launcher>=1.2,<2",
+    "jinja2>=3.1,<4",  # Slurm job templates
     "omegaconf>=2.3,<2.4",
     "math-verify>=0.9,<0.10",
     "wandb>=0.21,<1",
@@ -57,6 +58,7 @@ setup(
             "sandlab=sandlab.launch.cli:main",
             "sand-grade=sandlab.grading.cli:main",
             "sandlab-prepare-models=sandlab.models:main",
+            "sandlab-submit=sandlab.launch.submit:main",
         ]
     },
 )

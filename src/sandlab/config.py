@@ -1,6 +1,6 @@
 """Typed schema of a recipe (TRL-style dataclasses), used to validate what Hydra composed.
 
-Hydra composes ``recipes/<recipe>.yaml`` from the groups model/teacher/data/train/eval/launcher;
+Hydra composes ``recipes/<recipe>.yaml`` from the groups model/teacher/data/train/eval/launcher/cluster;
 ``validate_recipe`` merges the result into this schema so a wrong type or an unknown key fails
 before anything expensive starts.
 """
@@ -26,6 +26,9 @@ class ModelConfig:
     chat_template: Optional[str] = None  # path to a .jinja file overriding the tokenizer's template
     dtype: str = "bfloat16"
     max_model_len: int = 32768
+    # Parameters in billions, for the GPU-hour estimate when the model's HF config cannot be read
+    # (a Hub id on a machine without the Hub). None: counted from the config.
+    num_params_b: Optional[float] = None
 
 
 @dataclass
@@ -35,6 +38,11 @@ class BackendConfig:
     backend: str = "vllm"  # vllm | openai | hf
     model: str = "embedded://smollm2-135m-instruct"  # model path/id; for openai: the served model name
     base_urls: list[str] = field(default_factory=list)  # openai backend: one or more http://host:port/v1
+    # openai backend: a file of base URLs, one per line, written by the servers as they come up
+    # (slurm/serve_vllm.sbatch); the client waits up to endpoints_wait_s for endpoints_count of them.
+    endpoints_file: Optional[str] = None
+    endpoints_count: int = 1
+    endpoints_wait_s: float = 3600.0
     api_key_env: str = "OPENAI_API_KEY"  # name of the env var holding the key; the key itself never lands in configs
     max_concurrency: int = 32
     timeout_s: float = 600.0
@@ -48,6 +56,7 @@ class BackendConfig:
     chat_template: Optional[str] = None
     enforce_eager: bool = False
     extra_engine_args: dict[str, Any] = field(default_factory=dict)
+    num_params_b: Optional[float] = None  # active parameters (billions) for cost estimates; None: from the HF config
 
 
 @dataclass
@@ -347,23 +356,82 @@ class WandbConfig:
     group: Optional[str] = None
     tags: list[str] = field(default_factory=list)
     mode: Optional[str] = None  # online | offline | disabled; None: online if WANDB_API_KEY is set, else offline
+    job_type: Optional[str] = None  # None: from the stages the process runs (data | train | grpo | eval | pipeline)
+
+
+@dataclass
+class ClusterConfig:
+    """Where jobs run (recipes/cluster/<name>.yaml): everything site-specific, so templates stay generic."""
+
+    name: str = "local"
+    partition: Optional[str] = None
+    account: Optional[str] = None
+    qos: Optional[str] = None
+    gpus_per_node: int = 0
+    gpu_type: Optional[str] = None  # a key of sandlab.train.throughput.PEAK_TFLOPS, e.g. "H100 SXM", "MI300X"
+    peak_tflops: Optional[float] = None  # dense bf16 per GPU; None: from gpu_type
+    cpus_per_task: Optional[int] = None
+    mem: Optional[str] = None  # e.g. "0" (all of the node's memory) or "512G"; None: the cluster default
+    container_image: Optional[str] = None  # pyxis/enroot: srun --container-image
+    container_mounts: Optional[str] = None
+    modules: list[str] = field(default_factory=list)  # `module load` each
+    setup: list[str] = field(default_factory=list)  # shell lines run first in every job (env activation, exports)
+    python: str = ".venv/bin/python"  # relative to the repository, or absolute
+    sbatch_args: list[str] = field(default_factory=list)  # extra `#SBATCH` lines, e.g. "--constraint=h100"
+    env: dict[str, str] = field(default_factory=dict)  # exported in every job (never secrets: those stay in the submitting shell)
+
+
+@dataclass
+class JobResources:
+    nodes: int = 1
+    gpus_per_node: Optional[int] = None  # None: the cluster's gpus_per_node
+    time: str = "04:00:00"
+    cpus_per_task: Optional[int] = None  # None: the cluster's
+
+
+@dataclass
+class ServeSettings:
+    """Teacher behind vLLM servers in their own job; data jobs read the endpoints they write."""
+
+    enabled: bool = False
+    replicas: int = 1  # one server per node
+    port: int = 8000
+    resources: JobResources = field(default_factory=lambda: JobResources(time="24:00:00"))
+    extra_args: list[str] = field(default_factory=list)  # appended to the vLLM server command line
+
+
+@dataclass
+class CostAssumptions:
+    """What the dry-run GPU-hour estimate assumes where the run has not produced data yet."""
+
+    train_mfu: float = 0.40  # model FLOPs utilization of training
+    inference_mfu: float = 0.05  # of decoding (memory-bound: a few percent of peak is typical)
+    kept_fraction: float = 0.3  # of generated problems that survive agreement/dedup/decontam (SAND: ~0.3)
+    output_fill: float = 0.5  # mean generated tokens / max_tokens
+    mean_train_tokens: int = 8000  # per training example (prompt + reasoning trace)
 
 
 @dataclass
 class LauncherConfig:
+    """Per-recipe Slurm resources, one entry per kind of job (sandlab-submit); the cluster config
+    says where they run."""
+
     name: str = "local"
-    partition: Optional[str] = None
-    account: Optional[str] = None
-    nodes: int = 1
-    gpus_per_node: int = 0
-    cpus_per_task: int = 2
-    time: str = "01:00:00"
+    data: JobResources = field(default_factory=JobResources)
+    train: JobResources = field(default_factory=JobResources)
+    eval: JobResources = field(default_factory=JobResources)
+    serve: ServeSettings = field(default_factory=ServeSettings)
+    requeue: bool = True  # requeue on preemption/time limit; the job resumes from what it finished
+    signal_grace_s: int = 300  # Slurm signals the job this long before its time limit, and it requeues itself
+    cost: CostAssumptions = field(default_factory=CostAssumptions)
 
 
 @dataclass
 class RunSettings:
     dir: str = "runs/${recipe}"
     seed: int = 0
+    # Run only these of the recipe's stages (a Slurm job runs its share); None: all of them.
+    only: Optional[list[str]] = None
 
 
 @dataclass
@@ -384,6 +452,7 @@ class RecipeConfig:
     eval: EvalConfig = field(default_factory=EvalConfig)
     wandb: WandbConfig = field(default_factory=WandbConfig)
     launcher: LauncherConfig = field(default_factory=LauncherConfig)
+    cluster: ClusterConfig = field(default_factory=ClusterConfig)
 
 
 # difficulty, hike, passrate and novelty are opt-in: add them to a recipe's `stages` (before export).
@@ -392,12 +461,35 @@ STAGES = (*DATA_STAGES, "train", "grpo", "eval", "report")
 BACKENDS = ("vllm", "openai", "hf")
 
 
+def stage_kind(stage: str) -> str:
+    """What a stage needs to run: data (teacher), train, grpo, eval (report goes with eval)."""
+    if stage in DATA_STAGES:
+        return "data"
+    if stage in ("train", "grpo"):
+        return stage
+    return "eval"
+
+
+def job_setup_lines(cluster: Any) -> list[str]:
+    """Shell lines that prepare a job on the cluster (modules, setup, env), for launchers that take a
+    list of lines (hydra/launcher=sandlab_slurm)."""
+    import shlex  # noqa: PLC0415
+
+    lines = [f"module load {m}" for m in cluster.get("modules") or []]
+    lines += list(cluster.get("setup") or [])
+    lines += [f"export {k}={shlex.quote(str(v))}" for k, v in (cluster.get("env") or {}).items()]
+    return lines
+
+
 def register_schema() -> None:
     """Make the schema the base of every recipe (recipes/base.yaml lists it first), so Hydra knows
     every field: any of them can be overridden from the command line and types are checked at compose."""
     from hydra.core.config_store import ConfigStore  # noqa: PLC0415
 
     ConfigStore.instance().store(name="recipe_schema", node=RecipeConfig)
+    # For the submitit launcher config: Slurm wants no --gpus-per-node at all on CPU partitions.
+    OmegaConf.register_new_resolver("sandlab.gpus_or_none", lambda n: int(n) or None, replace=True)
+    OmegaConf.register_new_resolver("sandlab.job_setup", job_setup_lines, replace=True)
 
 
 register_schema()
@@ -417,11 +509,14 @@ def validate_recipe(cfg: DictConfig) -> RecipeConfig:
     unknown = [s for s in recipe.stages if s not in STAGES]
     if unknown:
         raise ConfigError(f"unknown stage(s) {unknown}; choose from {list(STAGES)}")
+    not_in_recipe = [s for s in recipe.run.only or [] if s not in recipe.stages]
+    if not_in_recipe:
+        raise ConfigError(f"run.only={not_in_recipe} names stages this recipe does not have; its stages: {recipe.stages}")
     for where, backend in (("teacher", recipe.teacher), ("eval.backend", recipe.eval.backend), ("data.passrate.student", recipe.data.passrate.student)):
         if backend.backend not in BACKENDS:
             raise ConfigError(f"{where}.backend={backend.backend!r} is not one of {list(BACKENDS)}")
-        if backend.backend == "openai" and not backend.base_urls:
-            raise ConfigError(f"{where}.backend=openai needs {where}.base_urls=[http://host:port/v1, ...]")
+        if backend.backend == "openai" and not backend.base_urls and not backend.endpoints_file:
+            raise ConfigError(f"{where}.backend=openai needs {where}.base_urls=[http://host:port/v1, ...] or {where}.endpoints_file")
     t = recipe.train
     if t.per_device_train_batch_size * t.gradient_accumulation_steps * t.num_processes != t.global_batch_size:
         raise ConfigError(

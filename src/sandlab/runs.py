@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import importlib.metadata
+import json
 import os
 import platform
 import re
@@ -84,22 +85,28 @@ class RunDir:
         p.mkdir(parents=True, exist_ok=True)
         return p
 
-    def write_metadata(self, cfg: DictConfig | dict, *, argv: list[str] | None = None) -> None:
+    def write_metadata(self, cfg: DictConfig | dict, *, argv: list[str] | None = None, stages: list[str] | None = None) -> None:
+        """``config.yaml`` and ``run_info.json`` of the latest process, and one line per process in
+        ``jobs.jsonl`` (several Slurm jobs, requeues and resumes share a run directory)."""
+        from sandlab.tracking import slurm_info  # noqa: PLC0415
+
         container = OmegaConf.to_container(cfg, resolve=True) if isinstance(cfg, DictConfig) else cfg
         container = redact({k: v for k, v in container.items() if k != "hydra"})
         (self.path / "config.yaml").write_text(OmegaConf.to_yaml(OmegaConf.create(container)))
-        write_json(
-            self.path / "run_info.json",
-            {
-                "git_sha": git_sha(),
-                "argv": redact_argv(argv if argv is not None else sys.argv),
-                "started_at": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
-                "host": socket.gethostname(),
-                "python": platform.python_version(),
-                "slurm_job_id": os.environ.get("SLURM_JOB_ID"),
-                "packages": package_versions(),
-            },
-        )
+        info = {
+            "git_sha": git_sha(),
+            "argv": redact_argv(argv if argv is not None else sys.argv),
+            "started_at": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+            "host": socket.gethostname(),
+            "python": platform.python_version(),
+            "slurm_job_id": os.environ.get("SLURM_JOB_ID"),
+            "slurm": slurm_info(),
+            "stages": stages,
+            "packages": package_versions(),
+        }
+        write_json(self.path / "run_info.json", info)
+        with (self.path / "jobs.jsonl").open("a") as f:
+            f.write(json.dumps({k: info[k] for k in ("started_at", "host", "git_sha", "slurm_job_id", "slurm", "stages", "argv")}) + "\n")
 
     def done_marker(self, stage: str) -> Path:
         return self.path / "stages" / f"{stage}.done"

@@ -55,8 +55,13 @@ def build_backend(cfg: Any, *, what: str = "backend.model") -> ChatBackend:
         from sandlab.inference.openai_client import OpenAICompatibleBackend  # noqa: PLC0415
 
         base_urls = list(_plain(_get(cfg, "base_urls", [])) or [])
+        endpoints_file = _get(cfg, "endpoints_file")
+        if not base_urls and endpoints_file:  # servers in a Slurm job write their URLs there
+            from sandlab.inference.endpoints import wait_for_endpoints  # noqa: PLC0415
+
+            base_urls = wait_for_endpoints(endpoints_file, int(_get(cfg, "endpoints_count", 1)), float(_get(cfg, "endpoints_wait_s", 3600.0)))
         if not base_urls:
-            raise ConfigError("backend=openai needs base_urls=[http://host:port/v1, ...]")
+            raise ConfigError("backend=openai needs base_urls=[http://host:port/v1, ...] or endpoints_file")
         if chat_template:
             log.warning("chat_template is ignored by the openai backend; start the server with --chat-template instead")
         if extra:

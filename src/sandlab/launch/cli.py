@@ -24,6 +24,7 @@ def make_main(stages: Sequence[str] | None = None, default_recipe: str = "demo")
     """Build a Hydra app running ``stages`` (None: all the recipe's stages)."""
     import hydra  # noqa: PLC0415
     from hydra.core.hydra_config import HydraConfig  # noqa: PLC0415
+    from hydra.types import RunMode  # noqa: PLC0415
     from omegaconf import DictConfig  # noqa: PLC0415
 
     import sandlab.config  # noqa: F401, PLC0415 (registers the recipe schema with Hydra)
@@ -32,9 +33,13 @@ def make_main(stages: Sequence[str] | None = None, default_recipe: str = "demo")
     def app(cfg: DictConfig) -> None:
         from sandlab.launch.pipeline import Pipeline  # noqa: PLC0415
 
-        run_dir = HydraConfig.get().runtime.output_dir
+        hydra_cfg = HydraConfig.get()
+        run_dir = hydra_cfg.runtime.output_dir
+        sweep = None
+        if hydra_cfg.mode == RunMode.MULTIRUN:  # one point of a sweep: its W&B group, name and tags
+            sweep = {"dir": hydra_cfg.sweep.dir, "num": hydra_cfg.job.num, "overrides": list(hydra_cfg.overrides.task)}
         try:
-            pipeline = Pipeline(cfg, run_dir)
+            pipeline = Pipeline(cfg, run_dir, sweep=sweep)
             if cfg.get("stage"):  # one data stage on a user's JSONL file
                 pipeline.run_single_stage(cfg.stage, cfg.get("input"), cfg.get("output"))
             else:
@@ -42,6 +47,9 @@ def make_main(stages: Sequence[str] | None = None, default_recipe: str = "demo")
         except SandlabError as exc:
             log.error("%s", exc)
             print(f"error: {exc}", file=sys.stderr)
+            if sweep is not None:  # the other points go on; the sweep summary reports this one and fails
+                Path(run_dir, "error.txt").write_text(f"{exc}\n")
+                return
             sys.exit(2)
         except KeyboardInterrupt:
             print(f"interrupted; rerun with run.dir={run_dir} to resume", file=sys.stderr)
@@ -70,7 +78,7 @@ def precheck_overrides(argv: list[str], default_recipe: str) -> None:
                 config_dir = str(Path(argv[i + 1]).resolve())
             i += 2
             continue
-        if arg.startswith("-") or arg.startswith("hydra."):
+        if arg.startswith(("-", "hydra.", "hydra/")):
             return
         overrides.append(arg)
         i += 1

@@ -20,7 +20,7 @@ from typing import Any
 
 from omegaconf import DictConfig, OmegaConf
 
-from sandlab.config import DATA_STAGES, RecipeConfig, validate_recipe
+from sandlab.config import DATA_STAGES, RecipeConfig, stage_kind, validate_recipe
 from sandlab.errors import ConfigError, EmptyDatasetError, SandlabError
 from sandlab.records import Record, read_jsonl, write_json, write_jsonl
 from sandlab.reporting import funnel_row, plot_distributions, plot_funnel, print_results, throughput, write_results
@@ -73,8 +73,9 @@ def is_main_process() -> bool:
 
 
 class Pipeline:
-    def __init__(self, cfg: DictConfig, run_dir: str | Path):
+    def __init__(self, cfg: DictConfig, run_dir: str | Path, sweep: dict[str, Any] | None = None):
         self.raw_cfg = cfg
+        self.sweep = sweep  # {"dir", "num", "overrides"} when this process is one point of a Hydra multirun
         self.cfg: RecipeConfig = validate_recipe(cfg)
         self.root = repo_root()
         self.root_run = self.run = RunDir(run_dir)
@@ -491,20 +492,10 @@ class Pipeline:
 
     def _launch_distributed_training(self, entry: str = "sft.py", num_processes: int | None = None, accelerate_config: str | None = None) -> None:
         """Multi-process training goes through ``accelerate launch train/<entry>`` with the same recipe."""
-        import yaml  # noqa: PLC0415
-
         t = self.cfg.train
         num_processes = num_processes or t.num_processes
-        accelerate_config = accelerate_config or t.accelerate_config
-        # The launcher config is copied into the run directory with the DeepSpeed JSON path made
-        # absolute, so the launch works from any working directory and the run records what it used.
-        acc = yaml.safe_load((self.root / accelerate_config).read_text()) or {}
-        ds = acc.get("deepspeed_config") or {}
-        if ds.get("deepspeed_config_file") and not Path(ds["deepspeed_config_file"]).is_absolute():
-            ds["deepspeed_config_file"] = str(self.root / ds["deepspeed_config_file"])
-        acc["num_processes"] = num_processes
         launcher_config = self.run.path / "accelerate_config.yaml"
-        launcher_config.write_text(yaml.safe_dump(acc, sort_keys=False))
+        launcher_config.write_text(write_accelerate_config(self.root, accelerate_config or t.accelerate_config, num_processes))
         cmd = [
             sys.executable, "-m", "accelerate.commands.launch", "--config_file", str(launcher_config),
             "--num_processes", str(num_processes), str(self.root / "train" / entry),
@@ -621,9 +612,9 @@ class Pipeline:
             raise EmptyDatasetError(f"eval.models has 'tuned' but {self.tuned_dir()} does not exist; train first or set run.dir to a trained run")
 
     def run_stages(self, stages: list[str] | None = None) -> None:
-        from sandlab.tracking import finish_wandb, init_wandb  # noqa: PLC0415
+        from sandlab.tracking import finish_wandb  # noqa: PLC0415
 
-        selected = [s for s in self.cfg.stages if stages is None or s in stages]
+        selected = [s for s in self.cfg.stages if (stages is None or s in stages) and (not self.cfg.run.only or s in self.cfg.run.only)]
         if self.cfg.data.dataset_path:
             selected = [s for s in selected if s not in DATA_STAGES]
         merged: list[str] = []
@@ -641,11 +632,9 @@ class Pipeline:
         self.preflight([s for s in selected if s not in merged])
         main = is_main_process()  # under `accelerate launch`, only rank 0 records the run
         if main:
-            self.run.write_metadata(self.raw_cfg)
+            self.run.write_metadata(self.raw_cfg, stages=selected)
         if main and self.cfg.wandb.mode != "disabled":
-            name = self.cfg.wandb.name or f"{self.cfg.recipe}-{self.root_run.path.name}"
-            init_wandb(self.cfg.wandb, name=f"{name}-part{self.cfg.data.partition.index}" if self.partition_worker else name, run_dir=str(self.run.path),
-                       config=OmegaConf.to_container(self.raw_cfg, resolve=True))
+            self._init_wandb(selected)
         try:
             for stage in selected:
                 if stage != "report" and self.run.is_done(stage):
@@ -658,9 +647,75 @@ class Pipeline:
                     self._run_data_stage(stage)
                 else:
                     getattr(self, f"stage_{stage}")()
+                if main:
+                    self._log_artifacts(stage)
         finally:
             self.close()
             finish_wandb()
+
+    # ---- tracking ----------------------------------------------------------------------------
+    def job_type(self, selected: list[str]) -> str:
+        if self.cfg.wandb.job_type:
+            return self.cfg.wandb.job_type
+        kinds = list(dict.fromkeys(stage_kind(s) for s in selected if s != "report")) or ["eval"]
+        return kinds[0] if len(kinds) == 1 else "pipeline"
+
+    def _init_wandb(self, selected: list[str]) -> None:
+        from sandlab.runs import git_sha  # noqa: PLC0415
+        from sandlab.tracking import init_wandb, slurm_info, stable_run_id  # noqa: PLC0415
+
+        w = self.cfg.wandb
+        job_type = self.job_type(selected)
+        group, tags = w.group, []
+        name = w.name or f"{self.cfg.recipe}-{self.root_run.path.name}"
+        if self.sweep is not None:  # every point of a sweep in one group, named by its number
+            if not w.group or w.group == self.cfg.recipe:
+                group = f"{self.cfg.recipe}-sweep-{Path(self.sweep['dir']).name}"
+            name = w.name or f"{group}-{self.sweep['num']}"
+            tags = ["sweep", *self.sweep["overrides"]][:20]
+        if job_type != "pipeline":
+            name += f"-{job_type}"
+        if self.partition_worker:
+            name += f"-part{self.cfg.data.partition.index}"
+        config = OmegaConf.to_container(self.raw_cfg, resolve=True)
+        config.pop("hydra", None)
+        config.update(git_sha=git_sha(), run_dir=str(self.root_run.path), slurm=slurm_info(), stages_run=selected,
+                      sweep={k: v for k, v in self.sweep.items() if k != "dir"} if self.sweep else None)
+        init_wandb(w, name=name, run_dir=str(self.run.path), config=config, job_type=job_type, group=group, tags=tags,
+                   run_id=stable_run_id(str(self.run.path), name))
+
+    def _log_artifacts(self, stage: str) -> None:
+        """The exported dataset and the evaluation tables become W&B artifacts of the run."""
+        from sandlab.tracking import log_artifact  # noqa: PLC0415
+
+        recipe = self.cfg.recipe
+        if stage == "export" and (self.run.path / "sft").is_dir():
+            log_artifact(f"{recipe}-sft", "dataset", [self.run.path / "sft"], description=self.cfg.description,
+                         metadata={"funnel": self.funnel(), "run_dir": str(self.run.path)})
+        elif stage == "report" and (self.run.path / "results.csv").is_file():
+            tables_dir = self.run.path / "tables"
+            tables = {"results": self.run.path / "results.csv", **{p.stem: p for p in sorted(tables_dir.glob("*.csv"))}}
+            paths = [self.run.path / "results.csv", self.run.path / "report.md", self.run.path / "eval" / "results.json", tables_dir]
+            log_artifact(f"{recipe}-eval", "eval-results", [p for p in paths if p.exists()], metadata={"run_dir": str(self.run.path)}, tables=tables)
+
+
+def write_accelerate_config(root: Path, accelerate_config: str, num_processes: int, *, num_machines: int = 1) -> str:
+    """The accelerate config a launch uses, as YAML: the DeepSpeed JSON path made absolute (so it works
+    from any directory and the run records what it used) and the process/machine counts filled in."""
+    import yaml  # noqa: PLC0415
+
+    path = root / accelerate_config
+    if not path.is_file():
+        raise ConfigError(f"accelerate config {accelerate_config!r} does not exist (train.accelerate_config / rl.accelerate_config)")
+    acc = yaml.safe_load(path.read_text()) or {}
+    ds = acc.get("deepspeed_config") or {}
+    if ds.get("deepspeed_config_file") and not Path(ds["deepspeed_config_file"]).is_absolute():
+        ds["deepspeed_config_file"] = str(root / ds["deepspeed_config_file"])
+    if ds and num_machines > 1:
+        ds["deepspeed_multinode_launcher"] = "standard"  # torchrun on every node, no pdsh/ssh
+    acc["num_processes"] = num_processes
+    acc["num_machines"] = num_machines
+    return yaml.safe_dump(acc, sort_keys=False)
 
 
 def _flatten(prefix: str, node: Any) -> dict[str, Any]:

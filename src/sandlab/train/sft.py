@@ -15,6 +15,7 @@ from typing import Any
 
 from sandlab.config import TrainConfig
 from sandlab.errors import ConfigError, EmptyDatasetError
+from sandlab.records import write_json
 
 log = logging.getLogger(__name__)
 
@@ -153,7 +154,7 @@ def run_sft(model_path: str, dataset_path: str, cfg: TrainConfig, *, output_dir:
     last = latest_complete_checkpoint(output_dir)
     if last is not None:
         log.info("resuming from %s", last)
-    trainer.train(resume_from_checkpoint=str(last) if last else None)
+    output = trainer.train(resume_from_checkpoint=str(last) if last else None)
     if cfg.lora_r > 0:  # evaluation (vLLM) loads a plain checkpoint: merge the adapters in
         merged = trainer.model.merge_and_unload()
         if trainer.accelerator.is_main_process:
@@ -162,4 +163,8 @@ def run_sft(model_path: str, dataset_path: str, cfg: TrainConfig, *, output_dir:
         trainer.save_model(output_dir)
     if trainer.accelerator.is_main_process:
         trainer.processing_class.save_pretrained(output_dir)
+        # What sweeps and reports compare: the last logged loss (over the whole run, resumes included).
+        losses = [entry["loss"] for entry in trainer.state.log_history if "loss" in entry]
+        write_json(Path(output_dir) / "train_metrics.json", {"final_loss": losses[-1] if losses else None, "global_step": trainer.state.global_step,
+                                                              "train_runtime_s": output.metrics.get("train_runtime")})
     return output_dir
