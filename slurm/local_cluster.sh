@@ -54,6 +54,8 @@ ClusterName=sandlab-local
 SlurmctldHost=$NODE(127.0.0.1)
 AuthType=auth/munge
 CryptoType=crypto/munge
+# How long a requeued job waits before it may start again (default 120 s).
+AuthInfo=cred_expire=20
 SlurmUser=root
 SlurmdUser=root
 ProctrackType=proctrack/linuxproc
@@ -61,6 +63,7 @@ TaskPlugin=task/none
 SelectType=select/cons_tres
 SelectTypeParameters=CR_CPU
 SchedulerType=sched/backfill
+SchedulerParameters=bf_interval=5
 MpiDefault=none
 ReturnToService=2
 JobAcctGatherType=jobacct_gather/none
@@ -74,7 +77,7 @@ SlurmdLogFile=$STATE/log/slurmd.log
 SlurmctldTimeout=30
 SlurmdTimeout=30
 KillWait=5
-MinJobAge=600
+MinJobAge=3600
 NodeName=$NODE NodeAddr=127.0.0.1 CPUs=$(nproc) State=UNKNOWN
 PartitionName=local Nodes=$NODE Default=YES MaxTime=INFINITE State=UP
 EOF
@@ -101,8 +104,11 @@ down() {
   pkill -x slurmctld 2>/dev/null || true
   # munged is stopped only if this script started it (a host may run its own for other things).
   if [ -f "$STATE/started-munged" ]; then pkill -x munged 2>/dev/null || true; rm -f "$STATE/started-munged"; fi
-  for _ in $(seq 100); do pgrep -x 'slurmd|slurmctld' >/dev/null || { echo "local_cluster: down"; return; }; sleep 0.1; done
-  die "daemons still running: $(pgrep -a -x 'slurmd|slurmctld' | tr '\n' ' ')"
+  for _ in $(seq 100); do
+    pgrep -x slurmd >/dev/null || pgrep -x slurmctld >/dev/null || { echo "local_cluster: down"; return; }
+    sleep 0.1
+  done
+  die "daemons still running: $(pgrep -a -x slurmd; pgrep -a -x slurmctld)"
 }
 
 case "${1:-}" in

@@ -15,6 +15,7 @@ elif os.environ.get("CI") and not os.environ.get("SANDLAB_BENCHMARK_DIR"):
     raise RuntimeError(f"CI needs the offline benchmarks at {os.path.abspath(_SHARED_BENCHMARKS)} or SANDLAB_BENCHMARK_DIR")
 
 import collections  # noqa: E402
+import json  # noqa: E402
 import signal  # noqa: E402
 import socket  # noqa: E402
 import subprocess  # noqa: E402
@@ -101,3 +102,18 @@ def vllm_server(tiny_model_path):
         yield base_url
     finally:
         stop()
+
+
+@pytest.fixture(scope="session")
+def sft_file(tmp_path_factory):
+    path = tmp_path_factory.mktemp("sft") / "train.jsonl"
+    rows = []
+    for i in range(6):
+        answer = 7 * i + 3
+        rows.append({
+            "id": f"fx-{i}",
+            "prompt": [{"role": "user", "content": f"What is 7*{i}+3?"}],
+            "completion": [{"role": "assistant", "content": f"7*{i} = {7 * i}; adding 3 gives {answer}. The final answer is \\boxed{{{answer}}}."}],
+        })
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return path

@@ -26,21 +26,6 @@ def run_sandlab(*overrides, entry=("-m", "sandlab.launch.cli"), timeout=900, env
     return subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, env=env, cwd=ROOT)
 
 
-@pytest.fixture(scope="module")
-def sft_file(tmp_path_factory):
-    path = tmp_path_factory.mktemp("sft") / "train.jsonl"
-    rows = []
-    for i in range(6):
-        answer = 7 * i + 3
-        rows.append({
-            "id": f"fx-{i}",
-            "prompt": [{"role": "user", "content": f"What is 7*{i}+3?"}],
-            "completion": [{"role": "assistant", "content": f"7*{i} = {7 * i}; adding 3 gives {answer}. The final answer is \\boxed{{{answer}}}."}],
-        })
-    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
-    return path
-
-
 def kill_after_saved_pieces(args: list[str], directory: Path, pattern: str, count: int) -> int:
     """Start ``python <args>``, SIGKILL its process group once ``count`` files match ``pattern`` in
     ``directory`` (saved shards or chunks), and return how many had been saved."""

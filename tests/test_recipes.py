@@ -1,5 +1,6 @@
 """Every recipe composes and passes schema validation; bad values fail with one clear message."""
 
+import subprocess
 from pathlib import Path
 
 import pytest
@@ -7,6 +8,7 @@ from hydra import compose, initialize_config_dir
 
 from sandlab.config import validate_recipe
 from sandlab.errors import ConfigError
+from sandlab.launch.slurm import JobPlanner, selected_stages
 
 RECIPES = Path(__file__).resolve().parents[1] / "recipes"
 TOP_LEVEL = sorted(p.stem for p in RECIPES.glob("*.yaml") if p.stem != "base")
@@ -33,8 +35,17 @@ def test_every_recipe_composes_and_validates(name):
     t = recipe.train
     assert t.per_device_train_batch_size * t.gradient_accumulation_steps * t.num_processes == t.global_batch_size
 
+    # ... and becomes Slurm jobs on a GPU cluster, each a valid bash script, one per group of stages.
+    on_cluster = validate_recipe(compose_recipe(name, overrides + ["cluster=example_h100"]))
+    jobs = JobPlanner(on_cluster, name, overrides, Path("/tmp/runs/x")).plan()
+    assert [s for job in jobs for s in job.stages] == selected_stages(on_cluster)
+    for job in jobs:
+        check = subprocess.run(["bash", "-n"], input=job.script, capture_output=True, text=True)
+        assert check.returncode == 0, f"{job.name}: {check.stderr}"
+        assert "#SBATCH --partition=gpu" in job.script and f"--config-name {name}" in job.script
 
-@pytest.mark.parametrize("group", ["model", "teacher", "data", "train", "eval", "launcher", "rl"])
+
+@pytest.mark.parametrize("group", ["model", "teacher", "data", "train", "eval", "launcher", "cluster", "rl"])
 def test_every_group_option_composes(group):
     for option in sorted(p.stem for p in (RECIPES / group).glob("*.yaml")):
         overrides = [f"{'+' if group == 'rl' else ''}{group}={option}"]
@@ -70,6 +81,7 @@ def test_wrong_types_and_unknown_keys_fail_at_compose():
         (["teacher.backend=magic"], "teacher.backend"),
         (["teacher=openai_servers", "teacher.base_urls=[]"], "base_urls"),
         (["data.agreement.mode=vibes"], "data.agreement.mode"),
+        (["run.only=[hike]"], "run.only=['hike'] names stages this recipe does not have"),
     ],
 )
 def test_bad_values_give_one_line_errors(overrides, message):

@@ -212,7 +212,7 @@ class ExportStage:
 @dataclass
 class PartitionSettings:
     """Split the per-record data stages (the recipe's leading generate/solve/filter/difficulty) over
-    independent jobs, e.g. one per Slurm array task (slurm/data_array.sbatch):
+    independent jobs, e.g. one per Slurm array task (sandlab-submit with data.partition.count=N):
     ``data.partition.count=$SLURM_ARRAY_TASK_COUNT data.partition.index=$SLURM_ARRAY_TASK_ID``.
     Each task works in ``<run.dir>/partitions/<index>-of-<count>/``; a later run with the same
     ``run.dir`` and no index merges the finished partitions and runs the remaining stages."""
@@ -470,11 +470,15 @@ def stage_kind(stage: str) -> str:
     return "eval"
 
 
-def job_setup_lines(cluster: Any) -> list[str]:
-    """Shell lines that prepare a job on the cluster (modules, setup, env), for launchers that take a
-    list of lines (hydra/launcher=sandlab_slurm)."""
+def job_setup_lines(key: str = "cluster", *, _root_: Any = None) -> list[str]:
+    """Shell lines that prepare a job on the cluster config at ``key`` (modules, setup, env), for
+    launchers that take a list of lines (hydra/launcher=sandlab_slurm). Hydra evaluates this once
+    while it composes the launcher, before the cluster config is merged: that yields no lines."""
     import shlex  # noqa: PLC0415
 
+    cluster = OmegaConf.select(_root_, key, default=None) if _root_ is not None else None
+    if cluster is None:
+        return []
     lines = [f"module load {m}" for m in cluster.get("modules") or []]
     lines += list(cluster.get("setup") or [])
     lines += [f"export {k}={shlex.quote(str(v))}" for k, v in (cluster.get("env") or {}).items()]

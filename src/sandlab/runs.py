@@ -85,9 +85,11 @@ class RunDir:
         p.mkdir(parents=True, exist_ok=True)
         return p
 
-    def write_metadata(self, cfg: DictConfig | dict, *, argv: list[str] | None = None, stages: list[str] | None = None) -> None:
+    def write_metadata(self, cfg: DictConfig | dict, *, argv: list[str] | None = None, stages: list[str] | None = None,
+                       jobs_log: Path | None = None) -> None:
         """``config.yaml`` and ``run_info.json`` of the latest process, and one line per process in
-        ``jobs.jsonl`` (several Slurm jobs, requeues and resumes share a run directory)."""
+        ``jobs.jsonl`` (several Slurm jobs, requeues and resumes share a run directory; array tasks
+        of a partitioned run log to the run's own file via ``jobs_log``)."""
         from sandlab.tracking import slurm_info  # noqa: PLC0415
 
         container = OmegaConf.to_container(cfg, resolve=True) if isinstance(cfg, DictConfig) else cfg
@@ -105,7 +107,7 @@ class RunDir:
             "packages": package_versions(),
         }
         write_json(self.path / "run_info.json", info)
-        with (self.path / "jobs.jsonl").open("a") as f:
+        with (jobs_log or self.path / "jobs.jsonl").open("a") as f:
             f.write(json.dumps({k: info[k] for k in ("started_at", "host", "git_sha", "slurm_job_id", "slurm", "stages", "argv")}) + "\n")
 
     def done_marker(self, stage: str) -> Path:

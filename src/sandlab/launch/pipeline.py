@@ -632,7 +632,7 @@ class Pipeline:
         self.preflight([s for s in selected if s not in merged])
         main = is_main_process()  # under `accelerate launch`, only rank 0 records the run
         if main:
-            self.run.write_metadata(self.raw_cfg, stages=selected)
+            self.run.write_metadata(self.raw_cfg, stages=selected, jobs_log=self.root_run.path / "jobs.jsonl")
         if main and self.cfg.wandb.mode != "disabled":
             self._init_wandb(selected)
         try:

@@ -100,8 +100,8 @@ def summarize(sweep_dir: str | Path, task_overrides: list[str] | None = None) ->
 
 def log_summary_to_wandb(cfg: DictConfig, sweep_dir: Path, rows: list[dict[str, Any]]) -> None:
     """The summary table as a W&B run of job type ``sweep-summary`` in the sweep's group."""
-    from sandlab.tracking import init_wandb, finish_wandb, log_artifact, stable_run_id  # noqa: PLC0415
     from sandlab.config import WandbConfig  # noqa: PLC0415
+    from sandlab.tracking import finish_wandb, init_wandb, log_artifact, stable_run_id  # noqa: PLC0415
 
     w = cfg.get("wandb") or {}
     wandb_cfg = WandbConfig(project=w.get("project", "sandlab"), entity=w.get("entity"), tags=list(w.get("tags") or []), mode=w.get("mode"))

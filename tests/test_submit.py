@@ -1,0 +1,158 @@
+"""sandlab-submit without a cluster: which jobs a recipe becomes, the rendered scripts (bash syntax,
+dependencies, multi-node launch), the GPU-hour estimate against an independent count, endpoints files
+and one-line errors. The same scripts run on a real Slurm in test_slurm.py."""
+
+from __future__ import annotations
+
+import os
+import re
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+import pytest
+import yaml
+
+from sandlab.errors import BackendUnavailableError
+from sandlab.inference.endpoints import wait_for_endpoints
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def submit(*args: str, env_extra: dict | None = None) -> subprocess.CompletedProcess:
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", **(env_extra or {})}
+    return subprocess.run([sys.executable, "-m", "sandlab.launch.submit", *args], capture_output=True, text=True, cwd=ROOT, env=env, timeout=300)
+
+
+def split_scripts(stdout: str) -> dict[str, tuple[str, str]]:
+    """job name -> (sbatch command, rendered script) from a dry run's output."""
+    jobs = {}
+    for block in re.split(r"^# ---- job \d+: ", stdout, flags=re.MULTILINE)[1:]:
+        name = block.split(" ", 1)[0]
+        lines = block.splitlines()
+        command = lines[1].removeprefix("# $ ")
+        script = []
+        for line in lines[2:]:
+            if line.startswith(("# ---- ", "GPU-hour estimate")):
+                break
+            script.append(line)
+        jobs[name] = (command, "\n".join(script))
+    return jobs
+
+
+@pytest.fixture(scope="module")
+def paper_dry_run(tmp_path_factory):
+    run_dir = tmp_path_factory.mktemp("paper") / "run"
+    result = submit("--config-name", "sand_math_qwen2.5_32b", "--dry-run", "cluster=example_h100", f"run.dir={run_dir}",
+                    "launcher.serve.enabled=true", "teacher=vllm_tp8", "data.partition.count=4",
+                    "launcher.train.nodes=2", "train.per_device_train_batch_size=1")
+    assert result.returncode == 0, result.stderr[-3000:]
+    return result, run_dir
+
+
+def test_paper_recipe_becomes_dependent_jobs(paper_dry_run):
+    result, run_dir = paper_dry_run
+    jobs = split_scripts(result.stdout)
+    name = "sand_math_qwen2.5_32b"
+    assert list(jobs) == [f"{name}-{kind}" for kind in ("serve", "data-array", "data", "train", "eval", "stop-serve")]
+    command = {k.removeprefix(f"{name}-"): v[0] for k, v in jobs.items()}
+    assert "--dependency" not in command["serve"]
+    assert f"--dependency=after:<{name}-serve> --kill-on-invalid-dep=yes --array=0-3" in command["data-array"]
+    assert f"--dependency=afterok:<{name}-data-array>,after:<{name}-serve>" in command["data"]
+    assert f"--dependency=afterok:<{name}-data>" in command["train"] and f"--dependency=afterok:<{name}-train>" in command["eval"]
+    assert f"--dependency=afterany:<{name}-data>" in command["stop-serve"] and "--wrap" in command["stop-serve"]
+    # Nothing is written by a dry run.
+    assert not run_dir.exists()
+    assert "training on 2 node(s): train.num_processes=16 train.gradient_accumulation_steps=1" in result.stderr
+
+
+def test_rendered_scripts_are_valid_bash_with_cluster_settings(paper_dry_run, tmp_path):
+    jobs = split_scripts(paper_dry_run[0].stdout)
+    for name, (_, script) in jobs.items():
+        if not script.strip():
+            continue  # the cleanup job is an --wrap one-liner
+        path = tmp_path / f"{name}.sbatch"
+        path.write_text(script)
+        check = subprocess.run(["bash", "-n", str(path)], capture_output=True, text=True)
+        assert check.returncode == 0, f"{name}: {check.stderr}"
+        assert script.startswith("#!/bin/bash") and "#SBATCH --partition=gpu" in script and "#SBATCH --mem=0" in script
+        assert "export NCCL_ASYNC_ERROR_HANDLING=1" in script  # cluster.setup
+    train = jobs["sand_math_qwen2.5_32b-train"][1]
+    assert "#SBATCH --nodes=2" in train and "#SBATCH --gpus-per-node=8" in train and "#SBATCH --requeue" in train
+    assert "#SBATCH --signal=B:USR1@300" in train and 'scontrol requeue "${SLURM_JOB_ID}"' in train
+    assert '--num_machines "$SLURM_NNODES" --machine_rank "$SLURM_NODEID" --num_processes 16' in train
+    assert '--main_process_ip "$HEAD_NODE"' in train and "--rdzv_backend c10d" in train and "train/sft.py" in train
+    assert "train.num_processes=16" in train and "'run.only=[train]'" in train
+    data = jobs["sand_math_qwen2.5_32b-data"][1]
+    assert "#SBATCH --gpus-per-node" not in data  # the teacher runs in the serve job; data jobs are clients
+    assert "teacher.backend=openai" in data and "teacher.endpoints_file=" in data
+    serve = jobs["sand_math_qwen2.5_32b-serve"][1]
+    assert "vllm.entrypoints.openai.api_server" in serve and "--tensor-parallel-size 8" in serve and "--served-model-name Qwen/Qwen3-235B-A22B" in serve
+    assert '"data.partition.index=${SLURM_ARRAY_TASK_ID}"' in jobs["sand_math_qwen2.5_32b-data-array"][1]
+
+
+def test_multi_node_accelerate_config(paper_dry_run):
+    out = paper_dry_run[0].stdout
+    text = out.split("accelerate_train.yaml\n", 1)[1].split("GPU-hour estimate")[0]
+    acc = yaml.safe_load(text)
+    assert acc["num_machines"] == 2 and acc["num_processes"] == 16
+    assert acc["deepspeed_config"]["deepspeed_multinode_launcher"] == "standard"  # torchrun per node, no pdsh
+    assert Path(acc["deepspeed_config"]["deepspeed_config_file"]).is_absolute()
+
+
+def test_gpu_hour_estimate_matches_an_independent_count(paper_dry_run):
+    out = paper_dry_run[0].stdout
+    cfg = yaml.safe_load((ROOT / "recipes/data/sand_math.yaml").read_text())
+    train_cfg = yaml.safe_load((ROOT / "recipes/train/paper_32b.yaml").read_text())
+    # 6 N FLOPs per trained token, N = 32.5e9 (model group), ~num_problems x 0.3 kept x 8000 tokens x epochs,
+    # 40% of 989.4 TFLOP/s (H100 SXM).
+    tokens = cfg["generate"]["num_problems"] * 0.3 * 8000 * train_cfg["num_train_epochs"]
+    hours = tokens * 6 * 32.5e9 / (0.40 * 989.4e12) / 3600
+    line = next(line for line in out.splitlines() if line.startswith("train "))
+    assert float(line.split()[4].replace(",", "")) == pytest.approx(hours, rel=1e-3)
+    assert "989.4 peak TFLOP/s" in out and re.search(r"^total\s+[\d,.]+$", out, re.MULTILINE)
+
+
+def test_submit_errors_are_one_line(tmp_path):
+    bad_nodes = submit("--config-name", "sand_math_qwen2.5_32b", "--dry-run", "cluster=example_h100", "launcher.train.nodes=3")
+    assert bad_nodes.returncode == 2
+    assert bad_nodes.stderr.strip().splitlines()[-1].startswith("error: train.global_batch_size=16 is not a multiple of")
+    unknown = submit("--config-name", "demo", "--dry-run", "cluster=nowhere")
+    assert unknown.returncode == 2 and len(unknown.stderr.strip().splitlines()) == 1 and "cluster" in unknown.stderr
+    no_sbatch = submit("--config-name", "demo", f"run.dir={tmp_path / 'r'}", env_extra={"PATH": str(Path(sys.executable).parent)})
+    assert no_sbatch.returncode == 2
+    assert no_sbatch.stderr.strip().splitlines()[-1] == "error: sbatch not found: submit from a Slurm login node (or use --dry-run to see the scripts)"
+
+
+def test_demo_on_the_local_cluster_runs_cpu_training_without_accelerate(tmp_path):
+    result = submit("--config-name", "demo", "--dry-run", f"run.dir={tmp_path / 'r'}")
+    assert result.returncode == 0, result.stderr[-2000:]
+    jobs = split_scripts(result.stdout)
+    assert list(jobs) == ["demo-data", "demo-train", "demo-eval"]
+    assert "#SBATCH --partition=local" in jobs["demo-train"][1] and "--gpus-per-node" not in result.stdout
+    assert "accelerate.commands.launch" not in jobs["demo-train"][1]  # one CPU process: no launcher needed
+    zero3 = split_scripts(submit("--config-name", "demo", "--dry-run", "train=cpu_zero3", f"run.dir={tmp_path / 'r'}").stdout)
+    assert "accelerate.commands.launch" in zero3["demo-train"][1] and "--num_processes 2" in zero3["demo-train"][1]
+
+
+def test_endpoints_file_is_waited_for(tmp_path):
+    path = tmp_path / "endpoints" / "teacher.txt"
+
+    def servers_come_up():
+        time.sleep(0.5)
+        path.parent.mkdir(parents=True)
+        path.write_text("http://node1:8000/v1\n")
+        time.sleep(0.5)
+        with path.open("a") as f:
+            f.write("http://node2:8000/v1\nnot a url\n")
+
+    writer = threading.Thread(target=servers_come_up)
+    writer.start()
+    try:
+        assert wait_for_endpoints(path, count=2, wait_s=30, poll_s=0.1) == ["http://node1:8000/v1", "http://node2:8000/v1"]
+    finally:
+        writer.join()
+    with pytest.raises(BackendUnavailableError, match=r"2 of 3 teacher endpoint\(s\) in .* after 0 s"):
+        wait_for_endpoints(path, count=3, wait_s=0.3, poll_s=0.1)
