@@ -13,6 +13,7 @@ from pathlib import Path
 
 import pytest
 from chat_stub import ChatStub
+from wandb_records import run_summary
 
 ROOT = Path(__file__).resolve().parents[1]
 SHARED_BENCHMARKS = Path(os.environ.get("SANDLAB_BENCHMARK_DIR") or ROOT.parent / "shared" / "benchmarks")
@@ -96,6 +97,15 @@ def test_whole_recipe_with_a_teacher_server(tmp_path):
     accepted = funnel["export"]["out"]
     assert f"Throughput: {accepted} accepted problems, 480 teacher tokens ({480 / accepted:,.0f} per accepted problem)" in report
     assert len((run_dir / "eval/tuned/math500/samples.jsonl").read_text().splitlines()) == 2
+    # W&B (offline): one run of the whole pipeline, the dataset and the eval tables as artifacts.
+    tracked = run_summary(run_dir)
+    assert [(r["name"], r["group"], r["job_type"]) for r in tracked["runs"]] == [(f"tiny-{run_dir.name}", "tiny", "pipeline")]
+    assert json.loads(tracked["config"]["git_sha"]) and json.loads(tracked["config"]["run_dir"]) == str(run_dir)
+    artifacts = {a["name"]: a for a in tracked["artifacts"]}
+    assert artifacts["tiny-sft"]["type"] == "dataset" and "sft/train.jsonl" in artifacts["tiny-sft"]["files"]
+    assert artifacts["tiny-eval"]["type"] == "eval-results" and {"results.csv", "results.table.json"} <= set(artifacts["tiny-eval"]["files"])
+    assert [json.loads(line)["stages"] for line in (run_dir / "jobs.jsonl").read_text().splitlines()] == [
+        ["generate", "solve", "filter", "dedup", "decontam", "export", "train", "eval", "report"]]
 
 
 def test_sigkill_midway_then_rerun_equals_uninterrupted_run(tmp_path):

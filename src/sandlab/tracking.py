@@ -2,7 +2,7 @@
 
 Every process that runs stages of a recipe is one W&B run: its name, group, tags and job type come
 from the recipe (and, inside a sweep, from the sweep); the config is the resolved recipe plus the git
-SHA and the Slurm job. The run id is derived from the run directory and the job type, so a requeued
+SHA and the Slurm job. Online, the run id is derived from the run directory and the job type, so a requeued
 Slurm job continues the same W&B run instead of starting a duplicate.
 """
 
@@ -46,6 +46,10 @@ def init_wandb(cfg: WandbConfig, *, name: str, run_dir: str, config: dict[str, A
     if wandb.run is not None:
         return wandb.run
     mode = resolve_mode(cfg)
+    if mode != "online":
+        # Resuming by id is a server-side feature; offline, a process killed a moment ago may still hold
+        # the id locally. Offline runs of a requeued job are synced as separate runs.
+        run_id = None
     # TRL's WandbCallback reads these when it attaches to our run.
     os.environ.setdefault("WANDB_PROJECT", cfg.project)
     return wandb.init(

@@ -681,8 +681,11 @@ class Pipeline:
         config.pop("hydra", None)
         config.update(git_sha=git_sha(), run_dir=str(self.root_run.path), slurm=slurm_info(), stages_run=selected,
                       sweep={k: v for k, v in self.sweep.items() if k != "dir"} if self.sweep else None)
-        init_wandb(w, name=name, run_dir=str(self.run.path), config=config, job_type=job_type, group=group, tags=tags,
-                   run_id=stable_run_id(str(self.run.path), name))
+        try:
+            init_wandb(w, name=name, run_dir=str(self.run.path), config=config, job_type=job_type, group=group, tags=tags,
+                       run_id=stable_run_id(str(self.run.path), name))
+        except Exception as exc:  # noqa: BLE001 (tracking must never stop a job; the run directory has everything)
+            log.warning("W&B tracking is off for this process: %s", str(exc).splitlines()[0] if str(exc) else type(exc).__name__)
 
     def _log_artifacts(self, stage: str) -> None:
         """The exported dataset and the evaluation tables become W&B artifacts of the run."""
