@@ -88,8 +88,9 @@ up() {
   install_packages
   start_munge
   write_conf
-  if ! pgrep -x slurmctld >/dev/null; then slurmctld -c; fi  # -c: a clean state, no jobs left from before
-  if ! pgrep -x slurmd >/dev/null; then slurmd; fi
+  # -c: a clean state, no jobs left from before. `down` stops only the daemons that `up` started.
+  if ! pgrep -x slurmctld >/dev/null; then slurmctld -c && touch "$STATE/started-slurmctld"; fi
+  if ! pgrep -x slurmd >/dev/null; then slurmd && touch "$STATE/started-slurmd"; fi
   for _ in $(seq 60); do
     state=$(sinfo -h -N -o %t 2>/dev/null | head -n1 || true)
     case "$state" in idle|mix|alloc) echo "local_cluster: up (node $NODE, $(nproc) CPUs, partition local)"; return;; esac
@@ -100,15 +101,21 @@ up() {
 }
 
 down() {
-  pkill -x slurmd 2>/dev/null || true
-  pkill -x slurmctld 2>/dev/null || true
-  # munged is stopped only if this script started it (a host may run its own for other things).
-  if [ -f "$STATE/started-munged" ]; then pkill -x munged 2>/dev/null || true; rm -f "$STATE/started-munged"; fi
+  local stopped=()
+  for daemon in slurmd slurmctld munged; do  # only what `up` started: a host may run its own
+    if [ -f "$STATE/started-$daemon" ]; then
+      pkill -x "$daemon" 2>/dev/null || true
+      rm -f "$STATE/started-$daemon"
+      stopped+=("$daemon")
+    fi
+  done
   for _ in $(seq 100); do
-    pgrep -x slurmd >/dev/null || pgrep -x slurmctld >/dev/null || { echo "local_cluster: down"; return; }
+    local running=()
+    for daemon in "${stopped[@]}"; do pgrep -x "$daemon" >/dev/null && running+=("$daemon"); done
+    [ ${#running[@]} -eq 0 ] && { echo "local_cluster: down (stopped: ${stopped[*]:-none})"; return; }
     sleep 0.1
   done
-  die "daemons still running: $(pgrep -a -x slurmd; pgrep -a -x slurmctld)"
+  die "still running: ${running[*]}"
 }
 
 case "${1:-}" in

@@ -86,8 +86,16 @@ def test_demo_recipe_jobs_on_slurm(slurm_cluster, tmp_path):
            "launcher.serve.enabled=true",  # the teacher as a vLLM server job; data jobs read its endpoint
            "data.partition.count=2",  # generate/solve/filter as a 2-task array, then a merge job
            "data.generate.num_problems=24",
-           "train=cpu_zero3", "train.max_steps=6", "train.extra_args.save_steps=2",  # accelerate + DeepSpeed ZeRO-3, 2 processes
+           # accelerate + DeepSpeed ZeRO-3 with 2 processes; one ZeRO checkpoint of 135M on disk at a time (~2 GB each)
+           "train=cpu_zero3", "train.max_steps=6", "train.extra_args.save_steps=2", "+train.extra_args.save_total_limit=1",
            "eval.limit=2", "eval.sampling.default.max_tokens=48"]
+    try:
+        check_demo_jobs(cmd, run_dir)
+    finally:
+        shutil.rmtree(run_dir / "checkpoints", ignore_errors=True)  # gigabytes of ZeRO shards
+
+
+def check_demo_jobs(cmd: list[str], run_dir: Path) -> None:
     submitted = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT, env=job_env(), timeout=300)
     assert submitted.returncode == 0, submitted.stderr[-3000:]
     ids = dict(re.findall(r"submitted (\S+)\s+job (\d+)", submitted.stdout))
