@@ -82,6 +82,8 @@ def test_wrong_types_and_unknown_keys_fail_at_compose():
         (["teacher=openai_servers", "teacher.base_urls=[]"], "base_urls"),
         (["data.agreement.mode=vibes"], "data.agreement.mode"),
         (["run.only=[hike]"], "run.only=['hike'] names stages this recipe does not have"),
+        (["cluster.setup=['export WANDB_API_KEY=abc']"], "cluster sets WANDB_API_KEY, which looks like a secret"),
+        (["launcher.cost.train_mfu=0"], "launcher.cost"),
     ],
 )
 def test_bad_values_give_one_line_errors(overrides, message):

@@ -77,7 +77,8 @@ def test_rendered_scripts_are_valid_bash_with_cluster_settings(paper_dry_run, tm
         path.write_text(script)
         check = subprocess.run(["bash", "-n", str(path)], capture_output=True, text=True)
         assert check.returncode == 0, f"{name}: {check.stderr}"
-        assert script.startswith("#!/bin/bash") and "#SBATCH --partition=gpu" in script and "#SBATCH --mem=0" in script
+        assert script.startswith("#!/bin/bash") and "#SBATCH --partition=gpu" in script
+        assert ("#SBATCH --mem=0" in script) == ("-data" not in name)  # data jobs only send requests here
         assert "export NCCL_ASYNC_ERROR_HANDLING=1" in script  # cluster.setup
     train = jobs["sand_math_qwen2.5_32b-train"][1]
     assert "#SBATCH --nodes=2" in train and "#SBATCH --gpus-per-node=8" in train and "#SBATCH --requeue" in train
@@ -86,7 +87,8 @@ def test_rendered_scripts_are_valid_bash_with_cluster_settings(paper_dry_run, tm
     assert '--main_process_ip "$HEAD_NODE"' in train and "--rdzv_backend c10d" in train and "train/sft.py" in train
     assert "train.num_processes=16" in train and "'run.only=[train]'" in train
     data = jobs["sand_math_qwen2.5_32b-data"][1]
-    assert "#SBATCH --gpus-per-node" not in data  # the teacher runs in the serve job; data jobs are clients
+    # The teacher runs in the serve job; data jobs are clients: no GPUs, a few CPUs, no whole-node --mem.
+    assert "#SBATCH --gpus-per-node" not in data and "#SBATCH --cpus-per-task=8" in data and "#SBATCH --mem" not in data
     assert "teacher.backend=openai" in data and "teacher.endpoints_file=" in data
     serve = jobs["sand_math_qwen2.5_32b-serve"][1]
     assert "vllm.entrypoints.openai.api_server" in serve and "--tensor-parallel-size 8" in serve and "--served-model-name Qwen/Qwen3-235B-A22B" in serve
@@ -95,7 +97,7 @@ def test_rendered_scripts_are_valid_bash_with_cluster_settings(paper_dry_run, tm
 
 def test_multi_node_accelerate_config(paper_dry_run):
     out = paper_dry_run[0].stdout
-    text = out.split("accelerate_train.yaml\n", 1)[1].split("GPU-hour estimate")[0]
+    text = out.rsplit("accelerate_train.yaml\n", 1)[1].split("GPU-hour estimate")[0]  # printed after the scripts
     acc = yaml.safe_load(text)
     assert acc["num_machines"] == 2 and acc["num_processes"] == 16
     assert acc["deepspeed_config"]["deepspeed_multinode_launcher"] == "standard"  # torchrun per node, no pdsh
@@ -115,12 +117,31 @@ def test_gpu_hour_estimate_matches_an_independent_count(paper_dry_run):
     assert "989.4 peak TFLOP/s" in out and re.search(r"^total\s+[\d,.]+$", out, re.MULTILINE)
 
 
+def test_passrate_keeps_gpus_when_the_teacher_is_served(tmp_path):
+    result = submit("--config-name", "grpo_sand_math_qwen2.5_32b", "--dry-run", "cluster=example_h100", "teacher=vllm_tp8",
+                    "launcher.serve.enabled=true", "rl.init_from=/", f"run.dir={tmp_path / 'r'}")
+    assert result.returncode == 0, result.stderr[-2000:]
+    jobs = split_scripts(result.stdout)
+    name = "grpo_sand_math_qwen2.5_32b"
+    assert list(jobs) == [f"{name}-{kind}" for kind in ("serve", "data", "grpo", "eval", "stop-serve")]
+    data = jobs[f"{name}-data"][1]
+    assert "'run.only=[generate,passrate]'" in data and "#SBATCH --gpus-per-node=8" in data  # the student runs in vLLM here
+    assert "train/grpo.py" in jobs[f"{name}-grpo"][1] and "data (passrate)" in result.stdout
+
+
 def test_submit_errors_are_one_line(tmp_path):
     bad_nodes = submit("--config-name", "sand_math_qwen2.5_32b", "--dry-run", "cluster=example_h100", "launcher.train.nodes=3")
     assert bad_nodes.returncode == 2
     assert bad_nodes.stderr.strip().splitlines()[-1].startswith("error: train.global_batch_size=16 is not a multiple of")
     unknown = submit("--config-name", "demo", "--dry-run", "cluster=nowhere")
     assert unknown.returncode == 2 and len(unknown.stderr.strip().splitlines()) == 1 and "cluster" in unknown.stderr
+    secret = submit("--config-name", "demo", "--dry-run", "+train.extra_args.hub_token=hf_123")
+    assert secret.returncode == 2 and "hf_123" not in secret.stdout + secret.stderr
+    assert secret.stderr.strip().splitlines()[-1].startswith("error: +train.extra_args.hub_token looks like a secret")
+    in_cluster = submit("--config-name", "demo", "--dry-run", "+cluster.env.HF_TOKEN=hf_abc")
+    assert in_cluster.returncode == 2 and "hf_abc" not in in_cluster.stdout + in_cluster.stderr and "looks like a secret" in in_cluster.stderr
+    no_data = submit("--config-name", "sand_math_r1_distill_qwen_32b", "--dry-run", f"run.dir={tmp_path / 'empty'}")
+    assert no_data.returncode == 2 and "trains on an existing SFT dataset" in no_data.stderr.strip().splitlines()[-1]
     no_sbatch = submit("--config-name", "demo", f"run.dir={tmp_path / 'r'}", env_extra={"PATH": str(Path(sys.executable).parent)})
     assert no_sbatch.returncode == 2
     assert no_sbatch.stderr.strip().splitlines()[-1] == "error: sbatch not found: submit from a Slurm login node (or use --dry-run to see the scripts)"

@@ -7,6 +7,7 @@ before anything expensive starts.
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass, field
 from typing import Any, Optional
 
@@ -42,7 +43,7 @@ class BackendConfig:
     # (slurm/serve_vllm.sbatch); the client waits up to endpoints_wait_s for endpoints_count of them.
     endpoints_file: Optional[str] = None
     endpoints_count: int = 1
-    endpoints_wait_s: float = 3600.0
+    endpoints_wait_s: float = 7200.0  # a first start may download a large model
     api_key_env: str = "OPENAI_API_KEY"  # name of the env var holding the key; the key itself never lands in configs
     max_concurrency: int = 32
     timeout_s: float = 600.0
@@ -398,6 +399,9 @@ class ServeSettings:
     port: int = 8000
     resources: JobResources = field(default_factory=lambda: JobResources(time="24:00:00"))
     extra_args: list[str] = field(default_factory=list)  # appended to the vLLM server command line
+    # The data jobs that only send requests to the servers: a few CPUs, no GPUs, no --mem.
+    client: JobResources = field(default_factory=lambda: JobResources(gpus_per_node=0, cpus_per_task=8, time="24:00:00"))
+    client_partition: Optional[str] = None  # e.g. a CPU partition; None: the cluster's
 
 
 @dataclass
@@ -561,4 +565,15 @@ def validate_recipe(cfg: DictConfig) -> RecipeConfig:
         raise ConfigError("data.generate.style=general has no answers to agree on; set data.agreement.mode=single")
     if not 0 < recipe.data.agreement.min_agreement <= 1:
         raise ConfigError("data.agreement.min_agreement must be in (0, 1]")
+    cost = recipe.launcher.cost
+    if not (0 < cost.train_mfu <= 1 and 0 < cost.inference_mfu <= 1 and 0 < cost.output_fill <= 1 and 0 < cost.kept_fraction <= 1):
+        raise ConfigError("launcher.cost: train_mfu, inference_mfu, output_fill and kept_fraction must be in (0, 1]")
+    # Jobs render cluster.env and cluster.setup into their scripts, and W&B records the cluster config.
+    from sandlab.runs import SECRET_KEY_RE  # noqa: PLC0415
+
+    exported = [k for k in recipe.cluster.env] + [m.group(1) for line in recipe.cluster.setup for m in [re.match(r"\s*export\s+(\w+)=", line)] if m]
+    secret = [k for k in exported if SECRET_KEY_RE.search(k)]
+    if secret:
+        raise ConfigError(f"cluster sets {secret[0]}, which looks like a secret: export it in the submitting shell instead "
+                          "(sbatch passes the environment on), so it is never written into scripts, configs or W&B")
     return recipe

@@ -48,26 +48,38 @@ def _model_config(path: str):
 
 
 def flops_per_token(path: str, num_params_b: float | None, context: int, *, training: bool) -> tuple[float | None, str]:
-    """(FLOPs per token, where the number came from)."""
-    config = _model_config(path)
-    if config is not None:
-        train_flops = model_flops_per_token(config, context)
-        return (train_flops if training else train_flops / 3.0), "HF config"
+    """(FLOPs per token, where the number came from). An explicit ``num_params_b`` wins (a MoE's
+    active parameters: the HF config would count it as dense); else the HF config."""
     if num_params_b:
         return (6.0 if training else 2.0) * num_params_b * 1e9, f"{num_params_b:g}B params"
+    config = _model_config(path)
+    if config is not None:
+        try:
+            train_flops = model_flops_per_token(config, context)
+        except AttributeError:  # not a decoder config this formula knows
+            return None, "unknown size (set num_params_b)"
+        return (train_flops if training else train_flops / 3.0), "HF config"
     return None, "unknown size (set num_params_b)"
 
 
 def _sft_rows(path: Path) -> tuple[int, float] | None:
-    """(examples, mean tokens per example ~ characters / 4) of an SFT JSONL file."""
+    """(examples, mean tokens per example ~ characters / 4) of an SFT JSONL file or directory
+    (``<run>/sft``), or None when there is none or it cannot be read."""
+    if path.is_dir():
+        path = path / "train.jsonl"
     if not path.is_file():
         return None
     rows, chars = 0, 0
-    with path.open() as f:
-        for line in f:
-            if line.strip():
-                rows += 1
-                chars += sum(len(m.get("content") or "") for m in json.loads(line).get("messages", []))
+    try:
+        with path.open() as f:
+            for line in f:
+                if line.strip():
+                    row = json.loads(line)
+                    messages = [*row.get("prompt", []), *row.get("completion", [])] if "completion" in row else row.get("messages", [])
+                    rows += 1
+                    chars += sum(len(m.get("content") or "") for m in messages if isinstance(m, dict))
+    except (OSError, ValueError, AttributeError):
+        return None
     return (rows, chars / max(rows, 1) / 4.0) if rows else None
 
 
@@ -89,7 +101,8 @@ def estimate(cfg: RecipeConfig, run_dir: Path, stages: list[str]) -> tuple[list[
     d = cfg.data
     if any(s in DATA_STAGES for s in stages) and not d.dataset_path:
         t = cfg.teacher
-        per_problem = d.generate.sampling.max_tokens * max(d.generate.sampling.n, 1)
+        # Distillation (data.generate.source) takes existing problems: the teacher writes no problems.
+        per_problem = 0 if d.generate.source else d.generate.sampling.max_tokens * max(d.generate.sampling.n, 1)
         if "solve" in stages:
             per_problem += d.solve.k * d.solve.sampling.max_tokens
         if "difficulty" in stages:
@@ -97,11 +110,20 @@ def estimate(cfg: RecipeConfig, run_dir: Path, stages: list[str]) -> tuple[list[
         if "hike" in stages:
             per_problem += d.hike.sampling.max_tokens + d.solve.k * d.solve.sampling.max_tokens
         tokens = d.generate.num_problems * per_problem * c.output_fill
-        add("data (teacher)", tokens, flops_per_token(t.model, t.num_params_b, t.max_model_len // 2, training=False), c.inference_mfu,
-            f"{d.generate.num_problems} problems x {per_problem} max tokens x fill {c.output_fill}")
+        if per_problem:
+            add("data (teacher)", tokens, flops_per_token(t.model, t.num_params_b, t.max_model_len // 2, training=False), c.inference_mfu,
+                f"{d.generate.num_problems} problems x {per_problem} max tokens x fill {c.output_fill}")
+        if "passrate" in stages:  # the student solves every kept problem m times
+            p = d.passrate
+            problems = d.generate.num_problems * c.kept_fraction
+            student = cfg.model.path if p.student.model == "tuned" else p.student.model
+            add("data (passrate)", problems * p.m * p.sampling.max_tokens * c.output_fill,
+                flops_per_token(student, cfg.model.num_params_b if p.student.model == "tuned" else p.student.num_params_b,
+                                p.sampling.max_tokens // 2, training=False),
+                c.inference_mfu, f"~{problems:.0f} problems x {p.m} samples x {p.sampling.max_tokens} max tokens x fill {c.output_fill}")
     if "train" in stages:
         t = cfg.train
-        measured = _sft_rows(Path(d.dataset_path) if d.dataset_path and Path(d.dataset_path).is_file() else run_dir / "sft" / "train.jsonl")
+        measured = _sft_rows(Path(d.dataset_path) if d.dataset_path and Path(d.dataset_path).exists() else run_dir / "sft")
         if measured:
             examples, per_example = measured
             basis = f"{examples} examples in the SFT file"

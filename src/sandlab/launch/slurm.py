@@ -24,7 +24,7 @@ from typing import Any
 
 from sandlab.config import DATA_STAGES, JobResources, RecipeConfig, stage_kind
 from sandlab.errors import ConfigError, SandlabError
-from sandlab.runs import repo_root
+from sandlab.runs import SECRET_KEY_RE, repo_root
 
 TEMPLATES = {"serve": "serve_vllm.sbatch.j2", "data": "data.sbatch.j2", "train": "train.sbatch.j2", "grpo": "train.sbatch.j2", "eval": "eval.sbatch.j2"}
 TRAIN_SCRIPTS = {"train": "train/sft.py", "grpo": "train/grpo.py"}
@@ -102,6 +102,27 @@ def training_layout(cfg: RecipeConfig, kind: str) -> tuple[int, list[str]]:
     return world, [f"train.num_processes={world}", f"train.gradient_accumulation_steps={accumulation}"]
 
 
+def refuse_secret_overrides(overrides: list[str]) -> None:
+    """Overrides are rendered into every job script: a secret-looking one is refused."""
+    secret = [o.split("=", 1)[0] for o in overrides if "=" in o and SECRET_KEY_RE.search(o.split("=", 1)[0].split(".")[-1].lstrip("+~"))]
+    if secret:
+        raise ConfigError(f"{secret[0]} looks like a secret: rendered scripts would hold it; export it in the submitting shell instead "
+                          "(sbatch passes the environment on; configs name the variable, e.g. teacher.api_key_env)")
+
+
+def check_submittable(cfg: RecipeConfig) -> None:
+    """What would only fail once the job starts (after hours in the queue), checked at submission."""
+    from sandlab.models import looks_like_local_path  # noqa: PLC0415
+
+    stages = selected_stages(cfg)
+    makes_data = any(s in DATA_STAGES for s in cfg.stages) and not cfg.data.dataset_path
+    if "train" in stages and not makes_data and not cfg.data.dataset_path and not (Path(cfg.run.dir) / "sft" / "train.jsonl").exists():
+        raise ConfigError(f"recipe {cfg.recipe} trains on an existing SFT dataset: set data.dataset_path=<run>/sft, a JSONL file or a Hub id")
+    for key, value in (("model.path", cfg.model.path), ("data.dataset_path", cfg.data.dataset_path), ("rl.init_from", cfg.rl.init_from)):
+        if value and not value.startswith("embedded://") and looks_like_local_path(value) and not Path(value).exists():
+            raise ConfigError(f"{key}={value!r} does not exist (jobs run from {repo_root()}; give an absolute path or a Hub id)")
+
+
 class JobPlanner:
     """Turns a validated recipe into Slurm jobs with rendered scripts."""
 
@@ -131,10 +152,16 @@ class JobPlanner:
         args = ["--config-name", self.recipe_name, *self.overrides, *extra, f"run.dir={self.run_dir}", f"run.only=[{','.join(stages)}]"]
         return [shlex.quote(a) for a in args]
 
-    def render(self, template: str, *, job_name: str, res: JobResources, nodes: int | None = None, array: bool = False, requeue: bool = True, **context: Any) -> str:
+    def render(self, template: str, *, job_name: str, res: JobResources, nodes: int | None = None, array: bool = False, requeue: bool = True,
+               client_only: bool = False, **context: Any) -> str:
+        """``client_only``: a job that only talks to the teacher servers: the serve settings' partition,
+        no --mem (a GPU cluster's "0" would claim a whole node)."""
         cluster = self.cfg.cluster
+        serve = self.cfg.launcher.serve
+        partition = (serve.client_partition or cluster.partition) if client_only else cluster.partition
         return self._env().get_template(template).render(
-            template=template, recipe=self.recipe_name, cluster=cluster, job_name=job_name, nodes=nodes or res.nodes,
+            template=template, recipe=self.recipe_name, cluster=cluster, partition=partition, mem=None if client_only else cluster.mem,
+            job_name=job_name, nodes=nodes or res.nodes,
             gpus_per_node=_gpus(res, self.cfg), cpus_per_task=res.cpus_per_task if res.cpus_per_task is not None else cluster.cpus_per_task,
             time=res.time, log_dir=str(self.slurm_dir / "logs"), repo=str(self.repo), array=array,
             requeue=requeue and self.cfg.launcher.requeue, signal_grace_s=self.cfg.launcher.signal_grace_s,
@@ -205,10 +232,13 @@ class JobPlanner:
 
     def _data_jobs(self, jobs: list[SlurmJob], stages: list[str], previous: list[tuple[str, int]], serve_index: int | None) -> int:
         cfg = self.cfg
-        res = cfg.launcher.data
         extra = self.teacher_overrides() if serve_index is not None else []
         after = previous + ([("after", serve_index)] if serve_index is not None else [])  # starts once the servers' job has started
-        gpus = 0 if serve_index is not None else _gpus(res, cfg)
+        # With served teachers the data jobs are HTTP clients, unless a stage runs a model of its own
+        # (passrate: the student in vLLM), which keeps the data resources and their GPUs.
+        client_only = serve_index is not None and "passrate" not in stages
+        res = cfg.launcher.serve.client if client_only else cfg.launcher.data
+        gpus = 0 if client_only else _gpus(res, cfg)
         data_res = dataclasses.replace(res, gpus_per_node=gpus)
         count = cfg.data.partition.count
         leading = []
@@ -218,11 +248,12 @@ class JobPlanner:
             leading.append(stage)
         if count > 1 and leading:
             name = f"{self.recipe_name}-data-array"
-            script = self.render(TEMPLATES["data"], job_name=name, res=data_res, array=True, partitions=count, args=self._args(leading, extra))
+            script = self.render(TEMPLATES["data"], job_name=name, res=data_res, array=True, partitions=count, args=self._args(leading, extra),
+                                 client_only=client_only)
             jobs.append(SlurmJob("data", name, leading, script, array=f"0-{count - 1}", after=list(after), gpus=gpus, nodes=res.nodes))
             after = [("afterok", len(jobs) - 1)] + ([("after", serve_index)] if serve_index is not None else [])
         name = f"{self.recipe_name}-data"
-        script = self.render(TEMPLATES["data"], job_name=name, res=data_res, args=self._args(stages, extra))
+        script = self.render(TEMPLATES["data"], job_name=name, res=data_res, args=self._args(stages, extra), client_only=client_only)
         jobs.append(SlurmJob("data", name, stages, script, after=after, gpus=gpus, nodes=res.nodes))
         return len(jobs) - 1
 

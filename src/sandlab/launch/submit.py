@@ -18,7 +18,15 @@ def main(argv: list[str] | None = None) -> None:
     from sandlab.config import validate_recipe  # noqa: PLC0415
     from sandlab.launch.cli import compose_recipe  # noqa: PLC0415
     from sandlab.launch.cost import estimate, format_estimate  # noqa: PLC0415
-    from sandlab.launch.slurm import JobPlanner, sbatch_command, selected_stages, submit_jobs, training_layout  # noqa: PLC0415
+    from sandlab.launch.slurm import (  # noqa: PLC0415
+        JobPlanner,
+        check_submittable,
+        refuse_secret_overrides,
+        sbatch_command,
+        selected_stages,
+        submit_jobs,
+        training_layout,
+    )
 
     parser = argparse.ArgumentParser(prog="sandlab-submit", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--config-name", "-cn", required=True, help="the recipe (recipes/<name>.yaml)")
@@ -28,6 +36,7 @@ def main(argv: list[str] | None = None) -> None:
     if bad:
         parser.error(f"unknown option {bad[0]} (Hydra overrides are key=value)")
     try:
+        refuse_secret_overrides(overrides)
         composed = compose_recipe(args.config_name, overrides)
         if "train" in composed.stages and (not composed.run.only or "train" in composed.run.only):
             # The world size follows the nodes asked for; gradient accumulation keeps the global batch.
@@ -39,6 +48,7 @@ def main(argv: list[str] | None = None) -> None:
         run_dir = Path(OmegaConf.select(composed, "run.dir")).absolute()
         composed.run.dir = str(run_dir)  # ${now:...} resolved once: every job shares this directory
         cfg = validate_recipe(composed)
+        check_submittable(cfg)
         planner = JobPlanner(cfg, args.config_name, overrides, run_dir)
         jobs = planner.plan()
         lines, peak = estimate(cfg, run_dir, selected_stages(cfg))

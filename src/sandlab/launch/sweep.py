@@ -23,6 +23,7 @@ import yaml
 from hydra.experimental.callback import Callback
 from omegaconf import DictConfig
 
+from sandlab.config import DATA_STAGES
 from sandlab.errors import SandlabError
 
 log = logging.getLogger("sandlab")
@@ -44,7 +45,9 @@ def _point_row(point: Path, keys: list[str]) -> dict[str, Any]:
     overrides = yaml.safe_load(overrides_file.read_text()) if overrides_file.exists() else []
     values = dict(o.split("=", 1) for o in overrides if "=" in o)
     cfg = yaml.safe_load((point / "config.yaml").read_text()) if (point / "config.yaml").exists() else {}
-    expected = [s for s in (cfg.get("stages") or []) if not (cfg.get("run") or {}).get("only") or s in cfg["run"]["only"]]
+    only = (cfg.get("run") or {}).get("only")
+    skipped = DATA_STAGES if (cfg.get("data") or {}).get("dataset_path") else ()  # training on a given dataset
+    expected = [s for s in (cfg.get("stages") or []) if (not only or s in only) and s not in skipped]
     done = [p.stem for p in (point / "stages").glob("*.done")] if (point / "stages").is_dir() else []
     missing = [s for s in expected if s not in done and s != "report"]
     error_file = point / "error.txt"
