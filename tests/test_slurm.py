@@ -121,7 +121,10 @@ def check_demo_jobs(cmd: list[str], run_dir: Path) -> None:
     assert len(records[ids["demo-data-array"]]) == 2  # one task per partition
 
     # The data went through the served teacher and both partitions, and was merged.
-    assert len((run_dir / "endpoints" / "teacher.txt").read_text().split()) == 1
+    array_log = (run_dir / "slurm" / "logs" / f"demo-data-array-{ids['demo-data-array']}_0.out").read_text()
+    served = re.findall(r"serving embedded://smollm2-135m-instruct at (http://\S+)", (run_dir / "slurm" / "logs" / f"demo-serve-{ids['demo-serve']}.out").read_text())
+    assert len(served) == 1 and f"POST {served[0]}/chat/completions" in array_log
+    assert (run_dir / "endpoints" / "teacher.txt").read_text() == ""  # the cancelled server took its URL out
     assert sorted(p.name for p in (run_dir / "partitions").iterdir()) == ["00000-of-00002", "00001-of-00002"]
     assert (run_dir / "sft" / "train.jsonl").read_text().strip()
     # Training was requeued after checkpoint-2, resumed from it, and finished.
