@@ -15,6 +15,7 @@ from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
 from sandlab.errors import ConfigError
+from sandlab.runs import SECRET_KEY_RE
 
 
 @dataclass
@@ -569,8 +570,6 @@ def validate_recipe(cfg: DictConfig) -> RecipeConfig:
     if not (0 < cost.train_mfu <= 1 and 0 < cost.inference_mfu <= 1 and 0 < cost.output_fill <= 1 and 0 < cost.kept_fraction <= 1):
         raise ConfigError("launcher.cost: train_mfu, inference_mfu, output_fill and kept_fraction must be in (0, 1]")
     # Jobs render cluster.env and cluster.setup into their scripts, and W&B records the cluster config.
-    from sandlab.runs import SECRET_KEY_RE  # noqa: PLC0415
-
     exported = [k for k in recipe.cluster.env] + [m.group(1) for line in recipe.cluster.setup for m in [re.match(r"\s*export\s+(\w+)=", line)] if m]
     secret = [k for k in exported if SECRET_KEY_RE.search(k)]
     if secret:

@@ -27,6 +27,16 @@ TRACKED_PACKAGES = (
 SECRET_KEY_RE = re.compile(r"(api_?key|token|secret|password|access_?key|secret_?key|credentials?)$", re.IGNORECASE)
 
 
+SLURM_VARS = {"job_id": "SLURM_JOB_ID", "array_job_id": "SLURM_ARRAY_JOB_ID", "array_task_id": "SLURM_ARRAY_TASK_ID",
+              "job_name": "SLURM_JOB_NAME", "nodelist": "SLURM_JOB_NODELIST", "partition": "SLURM_JOB_PARTITION",
+              "restart_count": "SLURM_RESTART_COUNT"}
+
+
+def slurm_info() -> dict[str, str]:
+    """The Slurm job this process runs in (empty outside Slurm)."""
+    return {key: os.environ[var] for key, var in SLURM_VARS.items() if os.environ.get(var)}
+
+
 def repo_root() -> Path:
     return Path(__file__).resolve().parents[2]
 
@@ -90,8 +100,6 @@ class RunDir:
         """``config.yaml`` and ``run_info.json`` of the latest process, and one line per process in
         ``jobs.jsonl`` (several Slurm jobs, requeues and resumes share a run directory; array tasks
         of a partitioned run log to the run's own file via ``jobs_log``)."""
-        from sandlab.tracking import slurm_info  # noqa: PLC0415
-
         container = OmegaConf.to_container(cfg, resolve=True) if isinstance(cfg, DictConfig) else cfg
         container = redact({k: v for k, v in container.items() if k != "hydra"})
         (self.path / "config.yaml").write_text(OmegaConf.to_yaml(OmegaConf.create(container)))

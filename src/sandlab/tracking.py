@@ -16,10 +16,6 @@ from typing import Any
 from sandlab.config import WandbConfig
 from sandlab.runs import redact
 
-SLURM_VARS = {"job_id": "SLURM_JOB_ID", "array_job_id": "SLURM_ARRAY_JOB_ID", "array_task_id": "SLURM_ARRAY_TASK_ID",
-              "job_name": "SLURM_JOB_NAME", "nodelist": "SLURM_JOB_NODELIST", "partition": "SLURM_JOB_PARTITION",
-              "restart_count": "SLURM_RESTART_COUNT"}
-
 
 def resolve_mode(cfg: WandbConfig) -> str:
     if cfg.mode:
@@ -27,11 +23,6 @@ def resolve_mode(cfg: WandbConfig) -> str:
     if os.environ.get("WANDB_MODE"):
         return os.environ["WANDB_MODE"]
     return "online" if os.environ.get("WANDB_API_KEY") else "offline"
-
-
-def slurm_info() -> dict[str, str]:
-    """The Slurm job this process runs in (empty outside Slurm)."""
-    return {key: os.environ[var] for key, var in SLURM_VARS.items() if os.environ.get(var)}
 
 
 def stable_run_id(run_dir: str, job_type: str) -> str:

@@ -11,14 +11,12 @@ a third of that for a forward pass), else from ``num_params_b`` in the model/tea
 from __future__ import annotations
 
 import json
-import logging
 from dataclasses import dataclass
 from pathlib import Path
 
 from sandlab.config import DATA_STAGES, RecipeConfig
 from sandlab.train.throughput import model_flops_per_token, peak_tflops
 
-log = logging.getLogger(__name__)
 # Items per benchmark, for evaluation token counts (eval.limit caps them).
 BENCHMARK_ITEMS = {"aime24": 30, "aime25": 30, "math500": 500, "gpqa_diamond": 198}
 

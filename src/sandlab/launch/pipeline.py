@@ -583,10 +583,7 @@ class Pipeline:
             resolve_model_path(self.cfg.model.path, what="model.path")
         if ("grpo" in selected or ("passrate" in selected and d.passrate.student.model == "tuned")) and "train" not in self.cfg.stages:
             self.sft_model()
-        makes_data = any(s in DATA_STAGES for s in self.cfg.stages) and not self.cfg.data.dataset_path
-        if "train" in selected and not makes_data and not self.cfg.data.dataset_path and not Path(self.sft_dataset()).exists():
-            raise ConfigError(f"recipe {self.cfg.recipe} trains on an existing SFT dataset: set data.dataset_path=<run>/sft, a JSONL file or a Hub id "
-                              f"(or run.dir=<a run with sft/train.jsonl>)")
+        require_training_data(self.cfg, selected, self.run.path)
         if self.cfg.data.dataset_path and "train" in selected:
             path = self.cfg.data.dataset_path
             if not Path(path).exists() and looks_like_local_path(path):
@@ -661,8 +658,8 @@ class Pipeline:
         return kinds[0] if len(kinds) == 1 else "pipeline"
 
     def _init_wandb(self, selected: list[str]) -> None:
-        from sandlab.runs import git_sha  # noqa: PLC0415
-        from sandlab.tracking import init_wandb, slurm_info, stable_run_id  # noqa: PLC0415
+        from sandlab.runs import git_sha, slurm_info  # noqa: PLC0415
+        from sandlab.tracking import init_wandb, stable_run_id  # noqa: PLC0415
 
         w = self.cfg.wandb
         job_type = self.job_type(selected)
@@ -700,6 +697,15 @@ class Pipeline:
             tables = {"results": self.run.path / "results.csv", **{p.stem: p for p in sorted(tables_dir.glob("*.csv"))}}
             paths = [self.run.path / "results.csv", self.run.path / "report.md", self.run.path / "eval" / "results.json", tables_dir]
             log_artifact(f"{recipe}-eval", "eval-results", [p for p in paths if p.exists()], metadata={"run_dir": str(self.run.path)}, tables=tables)
+
+
+def require_training_data(cfg: RecipeConfig, stages: list[str], run_dir: Path) -> None:
+    """Training needs this run's data stages, data.dataset_path, or an SFT file already in the run."""
+    if "train" not in stages or cfg.data.dataset_path or any(s in DATA_STAGES for s in cfg.stages):
+        return
+    if not (run_dir / "sft" / "train.jsonl").exists():
+        raise ConfigError(f"recipe {cfg.recipe} trains on an existing SFT dataset: set data.dataset_path=<run>/sft, a JSONL file or a Hub id "
+                          f"(or run.dir=<a run with sft/train.jsonl>)")
 
 
 def write_accelerate_config(root: Path, accelerate_config: str, num_processes: int, *, num_machines: int = 1) -> str:

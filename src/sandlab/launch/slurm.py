@@ -112,12 +112,10 @@ def refuse_secret_overrides(overrides: list[str]) -> None:
 
 def check_submittable(cfg: RecipeConfig) -> None:
     """What would only fail once the job starts (after hours in the queue), checked at submission."""
+    from sandlab.launch.pipeline import require_training_data  # noqa: PLC0415
     from sandlab.models import looks_like_local_path  # noqa: PLC0415
 
-    stages = selected_stages(cfg)
-    makes_data = any(s in DATA_STAGES for s in cfg.stages) and not cfg.data.dataset_path
-    if "train" in stages and not makes_data and not cfg.data.dataset_path and not (Path(cfg.run.dir) / "sft" / "train.jsonl").exists():
-        raise ConfigError(f"recipe {cfg.recipe} trains on an existing SFT dataset: set data.dataset_path=<run>/sft, a JSONL file or a Hub id")
+    require_training_data(cfg, selected_stages(cfg), Path(cfg.run.dir))
     for key, value in (("model.path", cfg.model.path), ("data.dataset_path", cfg.data.dataset_path), ("rl.init_from", cfg.rl.init_from)):
         if value and not value.startswith("embedded://") and looks_like_local_path(value) and not Path(value).exists():
             raise ConfigError(f"{key}={value!r} does not exist (jobs run from {repo_root()}; give an absolute path or a Hub id)")

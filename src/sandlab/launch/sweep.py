@@ -27,17 +27,11 @@ from sandlab.config import DATA_STAGES
 from sandlab.errors import SandlabError
 
 log = logging.getLogger("sandlab")
-SWEPT_MARKERS = (",", "range(", "choice(", "interval(", "glob(")
-
-
 def swept_keys(task_overrides: list[str]) -> list[str]:
     """Keys of the sweep's overrides that take several values (``lr=1e-4,3e-4``, ``choice(...)``)."""
-    try:
-        from hydra.core.override_parser.overrides_parser import OverridesParser  # noqa: PLC0415
+    from hydra.core.override_parser.overrides_parser import OverridesParser  # noqa: PLC0415
 
-        return [o.get_key_element() for o in OverridesParser.create().parse_overrides(task_overrides) if o.is_sweep_override()]
-    except Exception:  # noqa: BLE001 (an override Hydra cannot parse here: fall back to a plain look)
-        return [o.split("=", 1)[0] for o in task_overrides if "=" in o and any(m in o.split("=", 1)[1] for m in SWEPT_MARKERS)]
+    return [o.get_key_element() for o in OverridesParser.create().parse_overrides(task_overrides) if o.is_sweep_override()]
 
 
 def _point_row(point: Path, keys: list[str]) -> dict[str, Any]:
