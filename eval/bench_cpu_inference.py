@@ -7,10 +7,9 @@ wall time and output tokens per second.
 
     python eval/bench_cpu_inference.py [--configs vllm-reserve1,vllm-all-cores,hf] [--isa native|avx2] [--markdown]
 
-``--isa avx2`` emulates an AVX2-only CPU on an AVX512/AMX machine, for the kernels that matter here:
-torch's own dispatch (``ATEN_CPU_CAPABILITY=avx2``), oneDNN (``ONEDNN_MAX_CPU_ISA=AVX2``) and vLLM's
-kernel library and dtype choice (``torch.cpu._is_avx512*_supported`` report False, so vLLM loads
-``_C_AVX2`` and sandlab picks float32). Clock speed, caches and memory bandwidth stay this machine's.
+``--isa avx2`` emulates an AVX2-only CPU on an AVX512/AMX machine (``eval/avx2_emulation``): torch's
+dispatch, oneDNN and vLLM's kernel library and dtype choice see no AVX512/AMX. Clock speed, caches and
+memory bandwidth stay this machine's.
 """
 
 from __future__ import annotations
@@ -21,7 +20,6 @@ import os
 import platform
 import subprocess
 import sys
-import tempfile
 import time
 from pathlib import Path
 
@@ -38,15 +36,7 @@ CONFIGS = {
     "hf": {"backend": "hf", "env": {}},
 }
 
-# Emulation of an AVX2-only x86 CPU (see the module doc); loaded by every Python process of the run,
-# vLLM's spawned engine processes included, through PYTHONPATH.
-AVX2_SITECUSTOMIZE = """
-import torch.cpu as _cpu
-for _name in ("_is_avx512_supported", "_is_avx512_vnni_supported", "_is_avx512_bf16_supported",
-              "_is_amx_tile_supported", "_is_amx_fp16_supported"):
-    if hasattr(_cpu, _name):
-        setattr(_cpu, _name, lambda: False)
-"""
+AVX2_EMULATION = REPO / "eval" / "avx2_emulation"  # its sitecustomize.py hides AVX512/AMX from torch and vLLM
 
 
 def child(args: argparse.Namespace) -> None:
@@ -79,12 +69,12 @@ def child(args: argparse.Namespace) -> None:
     print("RESULT " + json.dumps({"start_s": start_s, "generate_s": gen_s, "tokens": tokens, "errors": errors, "dtype": str(dtype)}))
 
 
-def run_config(name: str, args: argparse.Namespace, emulate_dir: str | None) -> dict:
+def run_config(name: str, args: argparse.Namespace, emulate: bool) -> dict:
     spec = CONFIGS[name]
     env = dict(os.environ, HF_HUB_OFFLINE="1", TOKENIZERS_PARALLELISM="false", **spec["env"])
-    if emulate_dir:
+    if emulate:
         env.update(ATEN_CPU_CAPABILITY="avx2", ONEDNN_MAX_CPU_ISA="AVX2",
-                   PYTHONPATH=os.pathsep.join(p for p in (emulate_dir, env.get("PYTHONPATH")) if p))
+                   PYTHONPATH=os.pathsep.join(p for p in (str(AVX2_EMULATION), env.get("PYTHONPATH")) if p))
     cmd = [sys.executable, __file__, "--child", "--backend", spec["backend"], "--data", str(args.data),
            "--prompts", str(args.prompts), "--samples", str(args.samples), "--max-tokens", str(args.max_tokens),
            "--hf-batch-size", str(args.hf_batch_size)]
@@ -138,12 +128,7 @@ def main() -> None:
     unknown = [n for n in names if n not in CONFIGS]
     if unknown:
         raise SystemExit(f"error: unknown configs {unknown}; known: {sorted(CONFIGS)}")
-    with tempfile.TemporaryDirectory() as tmp:
-        emulate_dir = None
-        if args.isa == "avx2":
-            emulate_dir = tmp
-            Path(tmp, "sitecustomize.py").write_text(AVX2_SITECUSTOMIZE)
-        results = [run_config(n, args, emulate_dir) for n in names]
+    results = [run_config(n, args, args.isa == "avx2") for n in names]
     print(f"# {platform.processor() or platform.machine()}, {os.cpu_count()} CPUs, flags: {cpu_flags()}, isa={args.isa}")
     print(f"# {args.prompts} MATH500 prompts x {args.samples} samples, max {args.max_tokens} tokens, temperature 0.7")
     if args.markdown:
