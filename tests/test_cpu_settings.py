@@ -22,7 +22,7 @@ def choose(info, dtype="bfloat16", kwargs=None, environ=None, available=20 * GiB
 def test_avx2_only_runs_float32_on_all_cores():
     settings = choose(AVX2_2)
     assert settings.dtype == "float32"
-    assert settings.env == {"VLLM_CPU_NUM_OF_RESERVED_CPU": "0"}
+    assert settings.env == {"VLLM_CPU_NUM_OF_RESERVED_CPU": "0", "VLLM_ENABLE_V1_MULTIPROCESSING": "0"}
     assert "AVX2 only" in settings.summary and "float32" in settings.summary and "\n" not in settings.summary
 
 
@@ -37,10 +37,15 @@ def test_many_cores_keep_vllms_own_binding():
     assert settings.env == {} and "vLLM's thread binding" in settings.summary
 
 
-@pytest.mark.parametrize("environ", [{"VLLM_CPU_OMP_THREADS_BIND": "0"}, {"VLLM_CPU_NUM_OF_RESERVED_CPU": "1"}, {"SANDLAB_CPU_AUTO": "0"}])
+@pytest.mark.parametrize("environ", [{"VLLM_CPU_OMP_THREADS_BIND": "0"}, {"VLLM_CPU_NUM_OF_RESERVED_CPU": "1"}])
 def test_users_thread_settings_win(environ):
     settings = choose(AVX2_2, environ=environ)
-    assert settings.env == {}
+    assert settings.env == {"VLLM_ENABLE_V1_MULTIPROCESSING": "0"}
+
+
+def test_users_process_setting_wins_and_auto_off_leaves_everything_to_vllm():
+    assert choose(AVX2_2, environ={"VLLM_ENABLE_V1_MULTIPROCESSING": "1"}).env == {"VLLM_CPU_NUM_OF_RESERVED_CPU": "0"}
+    assert choose(AVX2_2, environ={"SANDLAB_CPU_AUTO": "0"}).env == {}
 
 
 def test_kv_cache_size_from_available_memory_or_as_given():
