@@ -30,7 +30,7 @@ SYSTEM = "Please reason step by step, and put your final answer within \\boxed{}
 # What each configuration sets before the backend starts. "auto" is sandlab's own choice
 # (sandlab.inference.cpu.cpu_settings); the others pin vLLM's thread binding by hand.
 CONFIGS = {
-    "vllm-vllm-default": {"backend": "vllm", "env": {"SANDLAB_CPU_AUTO": "0"}},  # vLLM's own: 1 core reserved
+    "vllm-default": {"backend": "vllm", "env": {"SANDLAB_CPU_AUTO": "0"}},  # vLLM's own: 1 core reserved
     "vllm-auto": {"backend": "vllm", "env": {}},
     "vllm-nobind": {"backend": "vllm", "env": {"SANDLAB_CPU_AUTO": "0", "VLLM_CPU_OMP_THREADS_BIND": "nobind"}},
     # Intel's OpenMP runtime (PyPI intel-openmp, in <venv>/lib), the library vLLM's start-up warning asks for.
@@ -111,7 +111,7 @@ def cpu_flags() -> str:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--configs", default="vllm-vllm-default,vllm-auto,vllm-nobind,hf")
+    parser.add_argument("--configs", default="vllm-default,vllm-auto,vllm-nobind,hf")
     parser.add_argument("--isa", choices=["native", "avx2"], default="native")
     parser.add_argument("--data", type=Path, default=DEFAULT_DATA)
     parser.add_argument("--prompts", type=int, default=32)
