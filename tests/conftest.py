@@ -60,7 +60,9 @@ def vllm_server(tiny_model_path):
     ]  # fmt: skip
     # As sandlab's in-process engine does on a small machine: no core reserved for the scheduler.
     env = dict(os.environ, HF_HUB_OFFLINE="1", TOKENIZERS_PARALLELISM="false", VLLM_CPU_KVCACHE_SPACE="1")
-    if len(os.sched_getaffinity(0)) <= 4:
+    from sandlab.inference.cpu_settings import FEW_CORES
+
+    if len(os.sched_getaffinity(0)) <= FEW_CORES:
         env.setdefault("VLLM_CPU_NUM_OF_RESERVED_CPU", "0")
     proc = subprocess.Popen(
         cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True

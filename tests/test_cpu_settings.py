@@ -53,7 +53,10 @@ def test_kv_cache_size_from_available_memory_or_as_given():
     assert choose(AMX_2, available=1 * GiB).engine_kwargs["kv_cache_memory_bytes"] == 512 * 1024**2  # floor
     assert choose(AMX_2, available=200 * GiB).engine_kwargs["kv_cache_memory_bytes"] == 8 * GiB  # cap
     assert choose(AMX_2, kwargs={"kv_cache_memory_bytes": 123}).engine_kwargs["kv_cache_memory_bytes"] == 123
-    assert "kv_cache_memory_bytes" not in choose(AMX_2, environ={"VLLM_CPU_KVCACHE_SPACE": "2"}).engine_kwargs
+    from_env = choose(AMX_2, environ={"VLLM_CPU_KVCACHE_SPACE": "2"})
+    assert "kv_cache_memory_bytes" not in from_env.engine_kwargs and from_env.kv_cache_bytes == 2 * GiB
+    with pytest.raises(BackendUnavailableError, match="VLLM_CPU_KVCACHE_SPACE='lots' is not a number"):
+        choose(AMX_2, environ={"VLLM_CPU_KVCACHE_SPACE": "lots"})
     assert choose(AMX_2).engine_kwargs["enable_chunked_prefill"] is False
 
 

