@@ -16,7 +16,7 @@ export TRANSFORMERS_OFFLINE := 1
 export SANDLAB_BENCHMARK_DIR ?= $(SHARED)/benchmarks
 export TOKENIZERS_PARALLELISM := false
 
-.PHONY: install models demo test bench-grading lint clean
+.PHONY: install models demo test test-fast bench-grading lint clean
 
 $(PY):
 	@$(PYTHON) -c 'import sys; sys.exit(0 if sys.version_info >= (3, 11) else "sandlab needs Python >= 3.11; run make PYTHON=python3.11 ...")'
@@ -43,6 +43,10 @@ demo: models
 
 test: models
 	$(PY) -m pytest tests $(PYTEST_ARGS)
+
+# The quick tier (under 3 minutes on 2 cores): no test marked slow, vllm or slurm (markers: pytest.ini).
+test-fast: models
+	$(PY) -m pytest tests -m "not slow and not vllm and not slurm" $(PYTEST_ARGS)
 
 bench-grading: install
 	$(PY) eval/bench_grading.py --markdown

@@ -49,8 +49,8 @@ def child(args: argparse.Namespace) -> None:
 
     logging.basicConfig(level=logging.INFO)
     sys.path.insert(0, str(REPO / "src"))
+    from sandlab.config import SamplingSettings  # noqa: PLC0415
     from sandlab.inference import build_backend  # noqa: PLC0415
-    from sandlab.inference.base import SamplingConfig  # noqa: PLC0415
 
     rows = [json.loads(line) for line in args.data.read_text().splitlines()[: args.prompts]]
     convs = [[{"role": "system", "content": SYSTEM}, {"role": "user", "content": r["problem"]}] for r in rows]
@@ -62,7 +62,7 @@ def child(args: argparse.Namespace) -> None:
     started = time.perf_counter()
     backend = build_backend(cfg)
     start_s = time.perf_counter() - started
-    sampling = SamplingConfig(n=args.samples, temperature=0.7, top_p=0.95, max_tokens=args.max_tokens, seed=0)
+    sampling = SamplingSettings(n=args.samples, temperature=0.7, top_p=0.95, max_tokens=args.max_tokens, seed=0)
     t0 = time.perf_counter()
     outs = backend.generate(convs, sampling, desc="bench")
     gen_s = time.perf_counter() - t0

@@ -65,7 +65,7 @@ class ScriptedBackend(ChatBackend):
         self.outputs = outputs
         self.seen = []
 
-    def generate(self, conversations, sampling, *, desc="generate"):
+    def _generate(self, conversations, sampling, *, desc):
         self.seen.extend(conversations)
         return [[self.outputs[i % len(self.outputs)]] for i in range(len(conversations))]
 
@@ -111,6 +111,7 @@ def test_agreement_uses_math_equivalence(pool):
     assert [k["id"] for k in kept] == ["a", "b"]
 
 
+@pytest.mark.slow
 def test_dedup_exact_and_near_duplicates():
     records = [
         {"id": "1", "problem": "Find the number of positive divisors of 360."},
@@ -153,6 +154,7 @@ def test_agreement_drops_non_numeric_majority(pool):
     assert len(kept) == 1
 
 
+@pytest.mark.slow
 def test_minhash_catches_near_identical_wording_only():
     base = ("Let ABCD be a convex quadrilateral with AB = 7, BC = 9, CD = 11 and DA = 13, and let its diagonals meet at P. "
             "Find the largest possible area of triangle APB, expressed as m/n, and report m + n.")
@@ -185,7 +187,7 @@ def test_novelty_ivf_path_drops_near_copies_of_a_large_corpus():
     """A corpus above ivf_min_records goes through the IVF index; planted near-copies are caught,
     fresh problems are kept, and each drop names its nearest corpus item."""
     from sandlab.config import NoveltyStage
-    from sandlab.data_gen.filters import filter_novelty
+    from sandlab.data_gen.novelty import filter_novelty
 
     rng = np.random.default_rng(1)
     corpus = rng.normal(size=(5000, 32)).astype(np.float32)

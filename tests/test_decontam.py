@@ -54,6 +54,7 @@ def copies():
     return records
 
 
+@pytest.mark.slow
 def test_copies_caught_with_evidence_and_unrelated_kept(copies):
     kept, dropped, report = decontaminate([{k: v for k, v in r.items() if k != "expect"} for r in copies], DecontamStage())
     assert sorted(r["id"] for r in kept) == sorted(f"unrelated-{i}" for i in range(len(UNRELATED)))
@@ -74,11 +75,12 @@ class YesJudge(ChatBackend):
     def __init__(self):
         self.asked = []
 
-    def generate(self, conversations, sampling, *, desc="generate"):
+    def _generate(self, conversations, sampling, *, desc):
         self.asked += conversations
         return [[Completion("Yes.")] for _ in conversations]
 
 
+@pytest.mark.slow
 def test_llm_judge_sees_only_candidates_in_the_band():
     judge = YesJudge()
     records = [{"id": "para", "problem": PARAPHRASE}] + [{"id": f"u{i}", "problem": p} for i, p in enumerate(UNRELATED)]
@@ -102,6 +104,7 @@ def run_stage(*args):
     return subprocess.run([sys.executable, "data_gen/run.py", "--config-name", "tiny", *args], capture_output=True, text=True, cwd=ROOT, env=env, timeout=600)
 
 
+@pytest.mark.slow
 def test_standalone_stage_on_a_users_file(tmp_path, copies):
     data = tmp_path / "mine.jsonl"
     data.write_text("".join(json.dumps({"id": r["id"], "problem": r["problem"]}) + "\n" for r in copies))

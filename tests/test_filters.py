@@ -9,9 +9,9 @@ import sys
 from pathlib import Path
 
 import pytest
-from chat_stub import ChatStub
+from chat_stub import ChatStub, prompt_of
 
-from sandlab.data_gen.filters import parse_rating
+from sandlab.data_gen.difficulty import parse_rating
 
 ROOT = Path(__file__).resolve().parents[1]
 RECORDS = [
@@ -32,7 +32,7 @@ def judge_and_student(body: dict) -> list[str]:
     """Rates: apples 2, train 5, primes 8, anything else unparseable. Student: always right on apples,
     right on half the samples for the train, never right on the primes."""
     prompt, n = body["messages"][0]["content"], body.get("n", 1)
-    if prompt.startswith("Rate the difficulty"):
+    if prompt_of(body)[0] == "difficulty":
         rating = next((v for k, v in (("apples", "2"), ("train", "5"), ("primes", "8")) if k in prompt), None)
         return [f"Looks fine.\nRating: {rating}" if rating else "I cannot tell." for _ in range(n)]
     right = {"apples": ["7"] * n, "train": ["75", "70"] * n, "primes": ["5"] * n}
@@ -67,6 +67,7 @@ def test_difficulty_rating_window(tmp_path, server):
     assert {d["id"]: d["reason"] for d in dropped} == {"easy": "difficulty_out_of_range", "junk": "unrated"}
 
 
+@pytest.mark.slow
 def test_pass_rate_window_keeps_what_the_student_sometimes_solves(tmp_path, server):
     student = ["data.passrate.student.backend=openai", f"data.passrate.student.base_urls=[{server.url}]", "data.passrate.student.model=m", "data.passrate.m=4"]
     kept, dropped = run_stage(tmp_path, "passrate", *student)
@@ -77,6 +78,7 @@ def test_pass_rate_window_keeps_what_the_student_sometimes_solves(tmp_path, serv
     assert sorted(k["id"] for k in kept) == ["hard", "junk"]
 
 
+@pytest.mark.slow
 def test_novelty_against_an_existing_corpus(tmp_path):
     corpus = tmp_path / "corpus.jsonl"
     corpus.write_text(json.dumps({"problem": "Tom has 3 apples and buys 4 more apples. How many apples does he have now?"}) + "\n")
@@ -88,7 +90,7 @@ def test_novelty_against_an_existing_corpus(tmp_path):
 def hiking_teacher(body: dict) -> list[str]:
     """Hikes by appending a twist; solves hiked problem A consistently (answer 12) and B inconsistently."""
     prompt, n = body["messages"][0]["content"], body.get("n", 1)
-    if "Rewrite it into a NEW, harder problem" in prompt:
+    if prompt_of(body)[0] == "hike":
         name = "A" if "apples" in prompt else "B"
         answer = 12 if name == "A" else 13
         return [f"<Q>Hiked problem {name}: using the theorem, find the count.</Q><S>Careful work gives \\boxed{{{answer}}}.</S>"]

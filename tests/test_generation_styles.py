@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 import yaml
-from chat_stub import ChatStub
+from chat_stub import ChatStub, prompt_of
 from test_pipeline import run_sandlab
 
 from sandlab.config import GenerationStage
@@ -82,17 +82,19 @@ def science_teacher(body: dict) -> list[str]:
     """Writes "what is a+b" questions (the correct sum first, as teachers tend to) and solves them by
     reading the options; questions whose sum is odd get a split vote."""
     prompt, seed, n = body["messages"][0]["content"], body.get("seed") or 0, body.get("n", 1)
-    if "PhD qualifying exam" in prompt:
+    template, fields = prompt_of(body)
+    if template == "science_mcq":
         a, b = seed % 17 + 2, seed % 5 + 3
         wrong = "".join(f"<WRONG>{a + b + d} moles</WRONG>" for d in (1, 2, 3))
         return [f"<think>plan</think><Q>How many moles are in {a} plus {b} moles?</Q><CORRECT>{a + b} moles</CORRECT>{wrong}<S>Add them.</S>"]
     a, b = map(int, re.findall(r"in (\d+) plus (\d+) moles", prompt)[0])
-    options = {v: k for k, v in options_of(prompt.split("\n\nPlease reason")[0]).items()}
+    options = {v: k for k, v in options_of(fields["problem"]).items()}
     right, other = options[f"{a + b} moles"], options[f"{a + b + 1} moles"]
     picks = [right] * n if (a + b) % 2 == 0 else [right, other] * n
     return [f"Adding gives {a + b}. The answer is ({p})." if i % 2 else f"Sum {a + b}, so \\boxed{{{p}}}" for i, p in enumerate(picks[:n])]
 
 
+@pytest.mark.slow
 def test_science_mcq_pipeline_end_to_end(tmp_path):
     stub = ChatStub(science_teacher)
     run_dir = tmp_path / "run"
@@ -124,13 +126,14 @@ def test_science_mcq_pipeline_end_to_end(tmp_path):
 
 def general_teacher(body: dict) -> list[str]:
     prompt, seed = body["messages"][0]["content"], body.get("seed") or 0
-    if "Write only the request" in prompt:
-        topic = re.search(r"about (.*?) \(domain", prompt).group(1)
-        return [f"<Q>Request {seed}: help me with {topic}.</Q>"]
+    template, fields = prompt_of(body)
+    if template == "general_task":
+        return [f"<Q>Request {seed}: help me with {fields['topic']}.</Q>"]
     number = int(re.search(r"Request (\d+)", prompt).group(1))
     return ["" if number % 3 == 0 else f"<think>consider</think>Sure. Here is help for request {number}."]
 
 
+@pytest.mark.slow
 def test_general_taxonomy_pipeline_end_to_end(tmp_path):
     stub = ChatStub(general_teacher)
     run_dir = tmp_path / "run"
@@ -158,14 +161,16 @@ def test_textual_answers_are_the_ones_the_grader_cannot_compare(answer, textual)
 
 def judging_teacher(body: dict) -> list[str]:
     prompt = body["messages"][0]["content"]
-    if prompt.startswith("Below is a problem and the end of a solution"):
+    template, fields = prompt_of(body)
+    if template == "judge_answer":
         return ["<think>reading</think>\\boxed{5}" if "equals five" in prompt else "NONE"]
-    if prompt.startswith("Two solutions"):
-        a, b = re.findall(r"Answer \d: (.*)", prompt)
+    if template == "judge_equivalence":
+        a, b = fields["a"], fields["b"]
         return ["After thinking: YES" if {"Alice" in a, "Alice" in b} == {True} else "NO"]
     raise AssertionError(prompt[:80])
 
 
+@pytest.mark.slow
 def test_agreement_llm_judge_reads_unparsable_answers_and_compares_textual_ones(tmp_path):
     def sol(text, answer=None):
         return {"text": text, "answer": answer, "finish_reason": "stop"}

@@ -376,3 +376,143 @@ def test_installed_sand_grade_console_script():
                           capture_output=True, text=True, timeout=60)
     assert proc.returncode == 0, proc.stderr
     assert json.loads(proc.stdout)["correct"] is True
+
+
+# -- pool size -----------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "cpus, environ, max_workers, expected",
+    [
+        (2, {}, None, 2),
+        (96, {}, None, 8),  # the default per-process cap
+        (96, {"LOCAL_WORLD_SIZE": "8"}, None, 8),  # 12 CPUs per rank, capped at 8
+        (16, {"LOCAL_WORLD_SIZE": "8"}, None, 2),  # each rank takes its share, not 16 workers each
+        (2, {"LOCAL_WORLD_SIZE": "8"}, None, 1),  # at least one
+        (96, {"SANDLAB_GRADING_MAX_WORKERS": "32"}, None, 32),
+        (96, {"SANDLAB_GRADING_MAX_WORKERS": "32"}, 4, 4),  # the argument wins over the variable
+        (16, {"LOCAL_WORLD_SIZE": "not-a-number"}, None, 8),  # a malformed launcher variable counts as one rank
+    ],
+)
+def test_default_num_workers(monkeypatch, cpus, environ, max_workers, expected):
+    from sandlab.grading.pool import default_num_workers
+
+    monkeypatch.setattr(os, "sched_getaffinity", lambda pid: set(range(cpus)), raising=False)
+    assert default_num_workers(max_workers, environ=environ) == expected
+
+
+def test_pool_sizes_itself_from_affinity_not_cpu_count(monkeypatch):
+    monkeypatch.setattr(os, "sched_getaffinity", lambda pid: {0, 1, 2}, raising=False)
+    monkeypatch.setattr(os, "cpu_count", lambda: 64)
+    monkeypatch.setenv("LOCAL_WORLD_SIZE", "1")
+    monkeypatch.delenv("SANDLAB_GRADING_MAX_WORKERS", raising=False)
+    assert GradingPool().num_workers == 3  # no workers start until something is graded
+    assert GradingPool(max_workers=2).num_workers == 2
+    assert GradingPool(num_workers=5).num_workers == 5  # an explicit size is used as given
+    monkeypatch.setenv("LOCAL_WORLD_SIZE", "2")
+    assert GradingPool().num_workers == 1
+    monkeypatch.delattr(os, "sched_getaffinity", raising=False)  # not Linux: the CPU count
+    monkeypatch.setenv("LOCAL_WORLD_SIZE", "16")
+    assert GradingPool().num_workers == 4
+
+
+def test_bad_max_workers_is_one_line(monkeypatch):
+    monkeypatch.setenv("SANDLAB_GRADING_MAX_WORKERS", "lots")
+    with pytest.raises(ValueError, match="SANDLAB_GRADING_MAX_WORKERS='lots' is not a whole number"):
+        GradingPool()
+    with pytest.raises(ValueError, match="max_workers must be >= 1"):
+        GradingPool(max_workers=0)
+
+
+# -- answer clusters (data_gen.agreement.cluster_answers) -----------------------------------
+
+# Equivalent spellings of 1/2 and of 2, a near miss, and answers whose equivalence is neither
+# transitive nor symmetric under math-verify: "(1,2)" = "1,2" = "\{2,1\}", but with gold "(1,2)" the
+# prediction "\{2,1\}" is wrong while with gold "\{2,1\}" the prediction "(1,2)" is right.
+TRICKY_ANSWERS = [
+    "1/2", "0.5", r"\frac{1}{2}", r"\dfrac12", "0.50", r"\frac{2}{4}", "a=1/2",
+    "2", "2.0", "x=2", r"\sqrt{4}", "0.51", "3",
+    "(1,2)", "1,2", r"\{2,1\}", r"\{1,2\}",
+    r"5\text{ cm}", "5",
+]
+
+
+class _CountingPool:
+    """Wraps a pool to count ``grade_many`` calls (pool round trips)."""
+
+    def __init__(self, pool: GradingPool):
+        self.pool, self.calls, self.items = pool, 0, 0
+
+    def grade_many(self, items, **kwargs):
+        self.calls += 1
+        self.items += len(items)
+        return self.pool.grade_many(items, **kwargs)
+
+
+def _greedy_reference(answers: list[str], equal) -> list[list[int]]:
+    """The definition, one answer at a time: join the first cluster whose first answer (as the gold)
+    it equals, else start a new cluster."""
+    clusters: list[list[int]] = []
+    for j, answer in enumerate(answers):
+        for cluster in clusters:
+            if equal(answers[cluster[0]], answer):
+                cluster.append(j)
+                break
+        else:
+            clusters.append([j])
+    return clusters
+
+
+def _rounds(clusters: list[list[int]]) -> int:
+    """Pool calls when batching by cluster: one per representative that has later answers to compare,
+    i.e. every cluster but the last, and the last if it has more than its representative (answer by
+    answer it would be one call per answer after the first)."""
+    return len(clusters) - 1 + (len(clusters[-1]) > 1) if clusters else 0
+
+
+@pytest.fixture(scope="module")
+def tricky_equal(pool):
+    """``equal(gold, pred)`` over TRICKY_ANSWERS: every ordered pair graded by the pool, in one call."""
+    pairs = [(g, p) for g in TRICKY_ANSWERS for p in TRICKY_ANSWERS]
+    verdicts = pool.grade_many([GradeItem(f"\\boxed{{{p}}}", g) for g, p in pairs])
+    table = {pair: v.correct for pair, v in zip(pairs, verdicts)}
+    assert table[("\\{2,1\\}", "(1,2)")] and not table[("(1,2)", "\\{2,1\\}")]  # the asymmetry is real
+    return lambda gold, pred: table[(gold, pred)]
+
+
+def test_cluster_answers_pins_the_greedy_semantics(pool):
+    from sandlab.data_gen.agreement import cluster_answers
+
+    assert cluster_answers([], pool) == []
+    assert cluster_answers(["7"], pool) == [[0]]
+    assert cluster_answers(["1/2", "2", "0.5", r"\frac{1}{2}", "2.0", "3", r"\dfrac12"], pool) == [[0, 2, 3, 6], [1, 4], [5]]
+    # Only the representative (first answer) is compared, with it as the gold.
+    assert cluster_answers(["(1,2)", r"\{2,1\}"], pool) == [[0], [1]]
+    assert cluster_answers([r"\{2,1\}", "(1,2)"], pool) == [[0, 1]]
+    assert cluster_answers(["(1,2)", "1,2", r"\{2,1\}"], pool) == [[0, 1], [2]]
+    assert cluster_answers(["B", "b", "(B)", "C"], pool, kind="mcq") == [[0, 1, 2], [3]]
+    # Answers repeated verbatim are graded once per round: 2 rounds, 2 distinct comparisons each.
+    counting = _CountingPool(pool)
+    assert cluster_answers(["2", "1/2", "0.5", "1/2", "0.5"], counting) == [[0], [1, 2, 3, 4]]
+    assert (counting.calls, counting.items) == (2, 4)
+
+
+def test_cluster_answers_matches_brute_force_reference(pool, tricky_equal):
+    import random
+
+    from sandlab.data_gen.agreement import cluster_answers, cluster_answers_many
+
+    rng = random.Random(0)
+    orders = [list(TRICKY_ANSWERS), list(reversed(TRICKY_ANSWERS))]
+    orders += [rng.sample(TRICKY_ANSWERS, k=rng.randint(2, len(TRICKY_ANSWERS))) for _ in range(10)]
+    orders += [rng.choices(TRICKY_ANSWERS, k=8) for _ in range(10)]  # with repeats, like k votes
+    counting = _CountingPool(pool)
+    for answers in orders:
+        expected = _greedy_reference(answers, tricky_equal)
+        before = counting.calls
+        assert cluster_answers(answers, counting) == expected, answers
+        assert counting.calls - before == _rounds(expected)
+    # Many lists at once: the same clusters, one call per round of the list with the most clusters.
+    counting = _CountingPool(pool)
+    assert cluster_answers_many(orders, counting) == [_greedy_reference(a, tricky_equal) for a in orders]
+    assert counting.calls == max(_rounds(_greedy_reference(a, tricky_equal)) for a in orders)

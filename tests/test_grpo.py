@@ -8,15 +8,18 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
 from chat_stub import ChatStub
 
-from sandlab.config import RLConfig, RLStage
+from sandlab.config import OverlongPolicy, RLConfig, RLStage
+from sandlab.errors import ConfigError
 from sandlab.train.grpo import GraderReward, build_grpo_config, load_rl_dataset
 
 ROOT = Path(__file__).resolve().parents[1]
 PROBLEMS = [("What is 12 plus 30?", "42"), ("What is 3 times 7?", "21"), ("What is half of 50?", "25"), ("Which option is a noble gas?\n\nA) Neon\nB) Iron", "A")]
 
 
+@pytest.mark.slow
 def test_grader_reward_and_prompt_building(tmp_path):
     path = tmp_path / "p.jsonl"
     rows = [{"problem": "What is 12 plus 30?", "reference_answer": "42"},
@@ -32,10 +35,14 @@ def test_grader_reward_and_prompt_building(tmp_path):
     finally:
         reward.close()
     stage = RLStage(max_completion_length=64, learning_rate=1e-6, max_steps=1)
-    masked = build_grpo_config(RLConfig(overlong="mask", use_cpu=True, bf16=False, use_vllm=False), stage, output_dir=str(tmp_path), run_name="t", seed=0, report_to=[])
-    penalty = build_grpo_config(RLConfig(overlong="penalty", use_cpu=True, bf16=False, use_vllm=False), stage, output_dir=str(tmp_path), run_name="t", seed=0, report_to=[])
+    cpu = {"use_cpu": True, "bf16": False, "use_vllm": False, "beta": 0.0, "epsilon_high": 0.28, "loss_type": "dapo"}
+    masked = build_grpo_config(RLConfig(overlong=OverlongPolicy.mask, attn_implementation="sdpa", trl=cpu), stage, output_dir=str(tmp_path), run_name="t", seed=0, report_to=[])
+    penalty = build_grpo_config(RLConfig(overlong=OverlongPolicy.penalty, attn_implementation="sdpa", trl=cpu), stage, output_dir=str(tmp_path), run_name="t", seed=0, report_to=[])
     assert masked.mask_truncated_completions and not penalty.mask_truncated_completions and penalty.reward_weights == [1.0, 1.0]
     assert (masked.beta, masked.epsilon_high, masked.loss_type, masked.max_completion_length) == (0.0, 0.28, "dapo", 64)
+    assert masked.model_init_kwargs == {"attn_implementation": "sdpa", "dtype": "float32"}  # dtype follows rl.trl.bf16
+    with pytest.raises(ConfigError, match="rl.trl.beta_ is not a GRPOConfig field; did you mean beta"):
+        build_grpo_config(RLConfig(trl={**cpu, "beta_": 0.1}), stage, output_dir=str(tmp_path), run_name="t", seed=0, report_to=[])
 
 
 def sft_student(body):
@@ -52,6 +59,7 @@ def sft_student(body):
     return [f"Thinking.\n\\boxed{{{a}}}" for a in answers[:n]]
 
 
+@pytest.mark.slow
 def test_passrate_selection_then_two_grpo_stages(tiny_model_path, tmp_path):
     source = tmp_path / "problems.jsonl"
     source.write_text("".join(json.dumps({"id": f"p{i}", "problem": q, "answer": a}) + "\n" for i, (q, a) in enumerate(PROBLEMS)))
@@ -78,3 +86,19 @@ def test_passrate_selection_then_two_grpo_stages(tiny_model_path, tmp_path):
     assert "rewards/grader_reward/mean" in log
     done = json.loads((run_dir / "stages/grpo.done").read_text())
     assert done["output"].endswith("stage-1") and done["dataset"].endswith("passrate.jsonl")
+
+
+def test_grpo_preflight_checks_trl_keys_and_the_attention_kernel():
+    import importlib.util
+
+    from sandlab.train.validate import validate_grpo
+
+    cpu = {"use_cpu": True, "bf16": False, "use_vllm": False}
+    assert validate_grpo(RLConfig(attn_implementation="sdpa", trl=cpu))["trl"] == ["bf16", "use_cpu", "use_vllm"]
+    with pytest.raises(ConfigError, match=r"^rl.trl.epsilon_hgh is not a GRPOConfig field; did you mean epsilon_high, epsilon or adam_epsilon\?$"):
+        validate_grpo(RLConfig(attn_implementation="sdpa", trl={**cpu, "epsilon_hgh": 0.28}))
+    with pytest.raises(ConfigError, match=r"^rl.trl.num_generations is set by sandlab \(rl.num_generations\)"):
+        validate_grpo(RLConfig(attn_implementation="sdpa", trl={**cpu, "num_generations": 4}))
+    if importlib.util.find_spec("flash_attn") is None:  # the CPU machines this suite runs on
+        with pytest.raises(ConfigError, match="rl.attn_implementation=flash_attention_2 needs flash-attn"):
+            validate_grpo(RLConfig(trl=cpu))

@@ -5,14 +5,14 @@ import json
 import os
 import re
 import signal
-import socket
 import subprocess
 import sys
 import time
 from pathlib import Path
 
 import pytest
-from chat_stub import ChatStub
+from chat_stub import ChatStub, prompt_of
+from conftest import free_port
 from wandb_records import run_summary
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -52,7 +52,7 @@ def teacher_replies(body: dict) -> list[str]:
     """A capable teacher: writes an addition word problem (from the request seed) or solves one.
     Problems of the rectangle template get disagreeing answers, so the agreement filter drops them."""
     prompt, seed, n = body["messages"][0]["content"], body.get("seed") or 0, body.get("n", 1)
-    if "Write only the problem" in prompt:  # generation, continuing the "<Q>" prefill
+    if prompt_of(body)[0] == "demo_math_problem":  # generation, continuing the "<Q>" prefill
         a, b = seed % 40 + 2, (7 * seed) % 30 + 1
         return [PROBLEM_TEMPLATES[seed % len(PROBLEM_TEMPLATES)].format(a=a, b=b)]
     a, b = map(int, re.findall(r"\d+", prompt)[:2])
@@ -64,6 +64,7 @@ def ScriptedTeacher(delay_s: float = 0.0) -> ChatStub:  # noqa: N802 (reads like
     return ChatStub(teacher_replies, delay_s=delay_s)
 
 
+@pytest.mark.slow
 @pytest.mark.skipif(not SHARED_BENCHMARKS.exists(), reason="needs ../shared/benchmarks")
 def test_whole_recipe_with_a_teacher_server(tmp_path):
     """generate -> solve -> filter -> dedup -> export -> train -> eval -> report through the real
@@ -108,6 +109,7 @@ def test_whole_recipe_with_a_teacher_server(tmp_path):
         ["generate", "solve", "filter", "dedup", "decontam", "export", "train", "eval", "report"]]
 
 
+@pytest.mark.slow
 def test_sigkill_midway_then_rerun_equals_uninterrupted_run(tmp_path):
     """Kill the data stages with SIGKILL in the middle of `solve`; the rerun resumes at the first
     unfinished shard and its outputs equal an uninterrupted run's, with no duplicated or missing ids."""
@@ -139,6 +141,7 @@ def test_sigkill_midway_then_rerun_equals_uninterrupted_run(tmp_path):
     assert not shards.exists()  # merged into data/solve.jsonl
 
 
+@pytest.mark.slow
 def test_partitions_as_slurm_array_tasks_merge_into_the_whole_run(tmp_path):
     """Two array tasks each run generate/solve/filter on their slice of the requests; a merge run with
     the same run.dir collects them and runs the rest. The result equals an unpartitioned run's."""
@@ -169,6 +172,7 @@ def test_partitions_as_slurm_array_tasks_merge_into_the_whole_run(tmp_path):
     assert (merged["in"], merged["out"], merged["reasons"]) == (whole_row["in"], whole_row["out"], whole_row["reasons"])
 
 
+@pytest.mark.slow
 def test_rerun_refuses_to_skip_stages_that_ran_with_other_settings(tmp_path):
     teacher = ScriptedTeacher()
     common = ["teacher=openai_servers", f"teacher.base_urls=[{teacher.url}]", "teacher.model=teacher", "data.generate.num_problems=4",
@@ -184,12 +188,8 @@ def test_rerun_refuses_to_skip_stages_that_ran_with_other_settings(tmp_path):
     assert changed.stderr.strip().splitlines()[-1].startswith("error: stage solve already ran in") and "(data.solve.k: 3 -> 4" in changed.stderr
 
 
-def free_port():
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
+@pytest.mark.slow
+@pytest.mark.vllm
 @pytest.mark.skipif(not SHARED_BENCHMARKS.exists(), reason="needs ../shared/benchmarks")
 def test_tiny_recipe_train_eval_report_and_resume(tmp_path, sft_file):
     run_dir = tmp_path / "run"
@@ -217,6 +217,8 @@ def test_tiny_recipe_train_eval_report_and_resume(tmp_path, sft_file):
     assert (run_dir / "eval/tuned/math500/samples.jsonl").read_text() == before
 
 
+@pytest.mark.slow
+@pytest.mark.vllm
 def test_empty_after_filtering_is_one_line_and_not_marked_done(tmp_path):
     """A real (random-weight) teacher through vLLM writes no parsable problem: the run stops clearly."""
     run_dir = tmp_path / "run"
@@ -234,7 +236,11 @@ def test_empty_after_filtering_is_one_line_and_not_marked_done(tmp_path):
         (["teacher.model=/nonexistent/teacher", "stages=[generate]"], "error: teacher.model='/nonexistent/teacher' does not exist"),
         (["model.path=someorg/not-downloaded", "stages=[train]"], "is not in the local Hugging Face cache"),
         (["data=from_file", "data.dataset_path=/nonexistent.jsonl", "stages=[train]"], "data.dataset_path='/nonexistent.jsonl' does not exist"),
-        (["train.learning_rate=fast"], "error: Error merging override train.learning_rate=fast (Value 'fast' of type 'str' could not be converted to Float)"),
+        (["train.num_processes=many"], "error: Error merging override train.num_processes=many (Value 'many' of type 'str' could not be converted to Integer)"),
+        pytest.param(["train.trl.learning_rate=fast"], "error: train.trl.learning_rate='fast' does not fit trl.SFTConfig.learning_rate (float)",
+                     marks=pytest.mark.slow),  # checked in preflight, after the tokenizer and trl load
+        pytest.param(["+train.trl.learning_rte=1e-5"], "error: train.trl.learning_rte is not an SFTConfig field; did you mean learning_rate?",
+                     marks=pytest.mark.slow),
         (["data.generate.prompt=data_gen/prompts/nope.txt", "stages=[generate]"], "prompt file"),
         (["eval.benchmarks=[aime99]", "stages=[eval]", "eval.models=[base]"], "unknown benchmark 'aime99'"),
         (["train.num_processes=3"], "global_batch_size"),
@@ -257,20 +263,22 @@ def test_unreachable_teacher_fails_fast(tmp_path):
 
 
 def test_unknown_override_key_is_rejected(tmp_path):
-    result = run_sandlab("train.learning_rat=1e-5", f"run.dir={tmp_path}", timeout=120)
+    result = run_sandlab("train.learning_rat=1e-5", f"run.dir={tmp_path}", timeout=120)  # not a sandlab field (TRL's go under train.trl)
     assert result.returncode == 2
     lines = result.stderr.strip().splitlines()
     assert len(lines) == 1 and lines[0].startswith("error: Could not override 'train.learning_rat'")
 
 
+@pytest.mark.slow
 def test_bad_trainer_argument_is_one_line(tmp_path, sft_file):
-    result = run_sandlab("data=from_file", f"data.dataset_path={sft_file}", "stages=[train]", "+train.extra_args.not_a_field=1",
+    result = run_sandlab("data=from_file", f"data.dataset_path={sft_file}", "stages=[train]", "+train.trl.not_a_field=1",
                          f"run.dir={tmp_path / 'run'}", timeout=300)
     assert result.returncode == 2
-    assert result.stderr.strip().splitlines()[-1].startswith("error: invalid training settings for trl.SFTConfig")
+    assert result.stderr.strip().splitlines()[-1].startswith("error: train.trl.not_a_field is not an SFTConfig field")
     assert not (tmp_path / "run/stages/train.done").exists()
 
 
+@pytest.mark.slow
 def test_distillation_mode_keeps_traces_that_match_the_reference(tmp_path):
     """Existing problems with reference answers -> teacher traces -> verified against the reference."""
     source = tmp_path / "problems.jsonl"
@@ -306,6 +314,7 @@ def math_answerer(body: dict) -> list[str]:
     return [f"Working.\nThe final answer is \\boxed{{{(seed + i) % 3}}}." for i in range(n)]
 
 
+@pytest.mark.slow
 @pytest.mark.skipif(not SHARED_BENCHMARKS.exists(), reason="needs ../shared/benchmarks")
 def test_eval_sigkill_midway_resumes_with_identical_samples(tmp_path):
     """Kill an evaluation after two saved chunks; the rerun generates only the missing items and its
@@ -335,6 +344,7 @@ def test_eval_sigkill_midway_resumes_with_identical_samples(tmp_path):
     assert metrics["samples_per_item"] == 2 and "pass@2" in metrics and "maj@2" in metrics and metrics["protocol"] == "demo"
 
 
+@pytest.mark.slow
 @pytest.mark.skipif(not SHARED_BENCHMARKS.exists(), reason="needs ../shared/benchmarks")
 def test_paper_table_from_labelled_models(tmp_path):
     """Two labelled models (a scripted server stands in for 32B checkpoints) -> eval with the paper

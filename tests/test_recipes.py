@@ -1,5 +1,7 @@
-"""Every recipe composes and passes schema validation; bad values fail with one clear message."""
+"""Every recipe composes and passes schema validation; bad values fail with one clear message; the
+TRL arguments every recipe trains with are the ones recorded before TRL settings became pass-through."""
 
+import json
 import subprocess
 from pathlib import Path
 
@@ -9,9 +11,13 @@ from hydra import compose, initialize_config_dir
 from sandlab.config import validate_recipe
 from sandlab.errors import ConfigError
 from sandlab.launch.slurm import JobPlanner, selected_stages
+from sandlab.stages import load_recipe  # validate_recipe + the stage lists
 
 RECIPES = Path(__file__).resolve().parents[1] / "recipes"
 TOP_LEVEL = sorted(p.stem for p in RECIPES.glob("*.yaml") if p.stem != "base")
+# SFTConfig/GRPOConfig keyword arguments per recipe, recorded from the code before issue 12 (typed
+# TRL fields copied one by one), not computed by the code under test.
+TRL_ARGUMENTS = json.loads((Path(__file__).parent / "fixtures/trl_arguments.json").read_text())["cases"]
 
 
 def compose_recipe(name: str, overrides: list[str] | None = None):
@@ -19,10 +25,10 @@ def compose_recipe(name: str, overrides: list[str] | None = None):
         return compose(config_name=name, overrides=overrides or [], return_hydra_config=False)
 
 
-@pytest.mark.parametrize("name", TOP_LEVEL)
-def test_every_recipe_composes_and_validates(name):
-    # ${now:} in the default run.dir resolves only inside a Hydra run, so pin it.
-    overrides = ["run.dir=runs/x"]
+def runnable_overrides(name: str, extra: list[str] | tuple[str, ...] = ()) -> list[str]:
+    """What a recipe needs on the command line to validate: a pinned run.dir (${now:} resolves only
+    inside a Hydra run), and the data or SFT model that train-only / GRPO-only recipes name."""
+    overrides = ["run.dir=runs/x", *extra]
     composed = compose_recipe(name, overrides)
     if "generate" not in composed.stages:  # train-only recipes name their data
         overrides.append("data.dataset_path=/tmp/x.jsonl")
@@ -30,10 +36,14 @@ def test_every_recipe_composes_and_validates(name):
         overrides.append("rl.init_from=/tmp/sft")
     if "science" in composed.data.variants and composed.data.export.variant != "science":  # SAND-MathScience: + the science export
         overrides.append("data.mix=[/tmp/science]")
-    recipe = validate_recipe(compose_recipe(name, overrides))
+    return overrides
+
+
+@pytest.mark.parametrize("name", TOP_LEVEL)
+def test_every_recipe_composes_and_validates(name):
+    overrides = runnable_overrides(name)
+    recipe = load_recipe(compose_recipe(name, overrides))
     assert recipe.recipe == name
-    t = recipe.train
-    assert t.per_device_train_batch_size * t.gradient_accumulation_steps * t.num_processes == t.global_batch_size
 
     # ... and becomes Slurm jobs on a GPU cluster, each a valid bash script, one per group of stages.
     on_cluster = validate_recipe(compose_recipe(name, overrides + ["cluster=example_h100"]))
@@ -58,19 +68,70 @@ def test_every_group_option_composes(group):
 def test_paper_recipes_have_amd_settings():
     for name in ("sand_math_qwen2.5_32b", "sand_mathscience_r1_distill_qwen_32b", "sand_science_r1_distill_qwen_32b"):
         r = validate_recipe(compose_recipe(name, ["run.dir=runs/x", "data.dataset_path=/tmp/x.jsonl"] if "science_r1" in name else ["run.dir=runs/x", "data.mix=[/tmp/s]"]))
-        t = r.train
-        assert (t.learning_rate, t.lr_scheduler_type, t.warmup_ratio, t.num_train_epochs) == (5e-6, "cosine", 0.0, 5)
+        t, trl = r.train, r.train.trl
+        assert (trl["learning_rate"], trl["lr_scheduler_type"], trl["warmup_steps"], trl["num_train_epochs"]) == (5e-6, "cosine", 0.0, 5)
         assert (t.per_device_train_batch_size, t.num_processes, t.gradient_accumulation_steps, t.global_batch_size) == (2, 8, 1, 16)
-        assert (t.max_length, t.bf16, t.attn_implementation, t.save_strategy) == (32768, True, "flash_attention_2", "epoch")
+        assert (trl["max_length"], trl["bf16"], t.attn_implementation, trl["save_strategy"]) == (32768, True, "flash_attention_2", "epoch")
         assert r.eval.sampling["aime24"].n == 64 and r.eval.sampling["aime24"].temperature == 0.7
 
 
-def test_wrong_types_and_unknown_keys_fail_at_compose():
+@pytest.mark.parametrize(
+    "override, names",
+    [
+        ("train.num_processes=many", "train.num_processes"),
+        ("train.learning_rat=1e-5", "train.learning_rat"),
+        ("train.learning_rate=1e-5", "train.learning_rate"),  # a TRL setting: train.trl.learning_rate
+        ("data.dedup.minhash=maybe", "data.dedup.minhash"),
+        ("data.agreement.mode=bogus", "data.agreement.mode"),
+        ("data.generate.style=essay", "data.generate.style"),
+        ("rl.overlong=cut", "rl.overlong"),
+        ("eval.table=table3", "eval.table"),
+        ("eval.option_order=random", "eval.option_order"),
+        ("teacher.backend=magic", "teacher.backend"),
+    ],
+)
+def test_wrong_types_unknown_keys_and_bad_choices_fail_at_compose(override, names):
     from hydra.errors import ConfigCompositionException
 
-    for override in ("train.learning_rate=fast", "train.learning_rat=1e-5", "data.dedup.minhash=maybe"):
-        with pytest.raises(ConfigCompositionException):
-            compose_recipe("demo", [override, "run.dir=runs/x"])
+    with pytest.raises(ConfigCompositionException) as info:
+        compose_recipe("demo", [override, "run.dir=runs/x"])
+    assert names in f"{info.value} {info.value.__cause__}"
+
+
+def test_a_bad_choice_in_a_recipe_file_names_the_field(tmp_path):
+    """Not only command-line overrides: a recipe file's bad value fails at compose with its full key."""
+    import shutil
+
+    from hydra.errors import ConfigCompositionException
+
+    shutil.copytree(RECIPES, tmp_path / "recipes")
+    (tmp_path / "recipes/bad.yaml").write_text("defaults:\n  - demo\n  - _self_\ndata:\n  agreement: {mode: vibes}\n")
+    with pytest.raises(ConfigCompositionException) as info, initialize_config_dir(config_dir=str(tmp_path / "recipes"), version_base="1.3"):
+        compose(config_name="bad", overrides=["run.dir=runs/x"])
+    assert "full_key: data.agreement.mode" in str(info.value) and "expected one of [majority, reference, single]" in str(info.value)
+
+
+def test_choices_compare_and_serialise_as_plain_strings():
+    """Code compares choices with strings; resolved configs, stage fingerprints (JSON), dataset cards
+    (yaml.safe_dump) and config.yaml (OmegaConf) hold the plain value."""
+    import yaml
+    from omegaconf import OmegaConf
+
+    from sandlab.config import AgreementMode, Choice, GenerationStyle, OptionOrder, OverlongPolicy, PaperTable
+
+    for choice in (AgreementMode, GenerationStyle, OptionOrder, OverlongPolicy, PaperTable):
+        assert issubclass(choice, Choice) and all(m.name == m.value for m in choice)  # OmegaConf parses a member by its name
+    cfg = compose_recipe("paper_table1", ["run.dir=runs/x", "data.agreement.mode=reference"])
+    r = validate_recipe(cfg)
+    assert r.data.agreement.mode is AgreementMode.reference and r.eval.table is PaperTable.table1 and r.rl.overlong is OverlongPolicy.mask
+    assert r.data.agreement.mode == "reference" and {"reference": 1}[r.data.agreement.mode] == 1 and f"{r.eval.table}.md" == "table1.md"
+    plain = OmegaConf.to_container(cfg, resolve=True)
+    assert json.loads(json.dumps(plain["data"]["agreement"]))["mode"] == "reference"
+    assert yaml.safe_dump({"mode": r.data.agreement.mode, "order": r.eval.option_order}) == "mode: reference\norder: correct_first\n"
+    assert "mode: reference" in OmegaConf.to_yaml(OmegaConf.create({"agreement": plain["data"]["agreement"]}))
+    # the resolved config a distributed launch re-reads (run_dir/config.yaml) validates to the same choices
+    again = validate_recipe(OmegaConf.create(yaml.safe_load(OmegaConf.to_yaml(OmegaConf.create(plain)))))
+    assert (again.data.agreement.mode, again.eval.table, again.eval.option_order) == (r.data.agreement.mode, r.eval.table, r.eval.option_order)
 
 
 @pytest.mark.parametrize(
@@ -78,9 +139,9 @@ def test_wrong_types_and_unknown_keys_fail_at_compose():
     [
         (["train.num_processes=3"], "global_batch_size"),
         (["stages=[generate,bake]"], "unknown stage"),
-        (["teacher.backend=magic"], "teacher.backend"),
         (["teacher=openai_servers", "teacher.base_urls=[]"], "base_urls"),
-        (["data.agreement.mode=vibes"], "data.agreement.mode"),
+        (["data.agreement.min_agreement=0"], "data.agreement.min_agreement=0.0 must be in (0, 1]"),
+        (["data.partition.count=2", "data.partition.index=2"], "data.partition.index=2 must be in [0, data.partition.count=2)"),
         (["run.only=[hike]"], "run.only=['hike'] names stages this recipe does not have"),
         (["cluster.setup=['export WANDB_API_KEY=abc']"], "cluster sets WANDB_API_KEY, which looks like a secret"),
         (["launcher.cost.train_mfu=0"], "launcher.cost"),
@@ -89,7 +150,7 @@ def test_wrong_types_and_unknown_keys_fail_at_compose():
 def test_bad_values_give_one_line_errors(overrides, message):
     cfg = compose_recipe("demo", overrides + ["run.dir=runs/x"])
     with pytest.raises(ConfigError) as info:
-        validate_recipe(cfg)
+        load_recipe(cfg)
     assert message in str(info.value)
     assert "\n" not in str(info.value)
 
@@ -98,9 +159,11 @@ def test_fast_variants_keep_the_token_budget_per_step_and_pack():
     for name in ("sand_math_qwen2.5_32b", "sand_mathscience_r1_distill_qwen_32b"):
         paper = validate_recipe(compose_recipe(name, ["run.dir=runs/x", "data.mix=[/tmp/s]"])).train
         fast = validate_recipe(compose_recipe(f"{name}_fast", ["run.dir=runs/x", "data.mix=[/tmp/s]"])).train
-        slots = lambda t: t.per_device_train_batch_size * t.gradient_accumulation_steps * t.num_processes * t.max_length  # noqa: E731
-        assert slots(fast) == slots(paper) and (fast.learning_rate, fast.num_train_epochs) == (paper.learning_rate, paper.num_train_epochs)
-        assert fast.packing and fast.use_liger_kernel and fast.gradient_checkpointing and not paper.packing
+        slots = lambda t: t.per_device_train_batch_size * t.gradient_accumulation_steps * t.num_processes * t.trl["max_length"]  # noqa: E731
+        same = ("learning_rate", "num_train_epochs")
+        assert slots(fast) == slots(paper) and [fast.trl[k] for k in same] == [paper.trl[k] for k in same]
+        assert fast.packing and fast.trl["packing_strategy"] == "bfd" and fast.trl["use_liger_kernel"] and fast.trl["gradient_checkpointing"]
+        assert not paper.packing
 
 
 def test_mathscience_needs_the_science_export(tmp_path):
@@ -114,6 +177,7 @@ def test_mathscience_needs_the_science_export(tmp_path):
     assert result.stderr.strip().splitlines()[-1].startswith("error: data.variants includes ['science']")
 
 
+@pytest.mark.slow  # a train/sft.py subprocess (imports TRL)
 def test_train_only_recipes_need_a_dataset(tmp_path, tiny_model_path):
     import os
     import subprocess
@@ -123,3 +187,116 @@ def test_train_only_recipes_need_a_dataset(tmp_path, tiny_model_path):
                              f"run.dir={tmp_path}"], capture_output=True, text=True, cwd=RECIPES.parent, timeout=300, env={**os.environ, "HF_HUB_OFFLINE": "1"})
     assert result.returncode == 2
     assert "trains on an existing SFT dataset" in result.stderr.strip().splitlines()[-1]
+
+
+def recipe_trl_arguments(case: str) -> dict:
+    """The SFTConfig (and per stage GRPOConfig) keyword arguments the code under test builds for a case
+    of the fixture, with the same run-dependent values the fixture was recorded with."""
+    from sandlab.train.grpo import grpo_arguments
+    from sandlab.train.sft import sft_arguments
+
+    name = case.split()[0]
+    r = validate_recipe(compose_recipe(name, runnable_overrides(name, TRL_ARGUMENTS[case]["overrides"])))
+    out = {"sft": {"__class__": "SFTConfig", **sft_arguments(r.train, output_dir="OUT/checkpoints/final", run_name=f"{r.recipe}-sft", seed=r.run.seed,
+                                                              report_to=["wandb"], eos_token="<EOS>")}}
+    if "grpo" in TRL_ARGUMENTS[case]:
+        out["grpo"] = [{"__class__": "GRPOConfig", **grpo_arguments(r.rl, stage, output_dir=f"OUT/checkpoints/grpo/stage-{i}", run_name=f"{r.recipe}-grpo-stage{i}",
+                                                                     seed=r.run.seed, report_to=["wandb"])} for i, stage in enumerate(r.rl.stages)]
+    return out
+
+
+def test_the_fixture_covers_every_recipe_and_training_group():
+    cases = set(TRL_ARGUMENTS)
+    assert set(TOP_LEVEL) <= cases
+    assert {f"demo train={p.stem}" for p in (RECIPES / "train").glob("*.yaml")} <= cases
+    assert {f"tiny +rl={p.stem}" for p in (RECIPES / "rl").glob("*.yaml")} <= cases
+    assert "grpo" in TRL_ARGUMENTS["grpo_sand_math_qwen2.5_32b"]
+
+
+@pytest.mark.parametrize("case", sorted(TRL_ARGUMENTS))
+def test_recipes_resolve_to_the_same_trl_arguments_as_before(case):
+    """Values and their types (5.0 stays a float, not 5): JSON text of both sides must be identical."""
+    expected = {k: v for k, v in TRL_ARGUMENTS[case].items() if k != "overrides"}
+    assert json.dumps(recipe_trl_arguments(case), sort_keys=True) == json.dumps(expected, sort_keys=True)
+
+
+@pytest.mark.slow
+def test_every_recipe_trl_section_passes_the_preflight_key_check():
+    from trl import GRPOConfig, SFTConfig
+
+    from sandlab.train.validate import GRPO_RESERVED, SFT_RESERVED, check_trl_keys
+
+    for case in sorted(TRL_ARGUMENTS):
+        name = case.split()[0]
+        r = validate_recipe(compose_recipe(name, runnable_overrides(name, TRL_ARGUMENTS[case]["overrides"])))
+        check_trl_keys(r.train.trl, SFTConfig, where="train.trl", reserved=SFT_RESERVED)
+        if "grpo" in TRL_ARGUMENTS[case]:
+            check_trl_keys(r.rl.trl, GRPOConfig, where="rl.trl", reserved=GRPO_RESERVED)
+
+
+@pytest.mark.parametrize(
+    "trl, message",
+    [
+        ({"learning_rte": 1e-5}, "train.trl.learning_rte is not an SFTConfig field; did you mean learning_rate?"),
+        ({"warmup_ratio": 0.03}, "train.trl.warmup_ratio is not an SFTConfig field; did you mean warmup_steps? "
+                                 "(transformers 5 takes a warmup ratio as warmup_steps=<a float below 1>)"),
+        ({"packing": True}, "train.trl.packing is set by sandlab (train.packing); take it out of train.trl"),
+        ({"output_dir": "/x"}, "train.trl.output_dir is set by sandlab (from run.dir)"),
+        ({"learning_rate": "fast"}, "train.trl.learning_rate='fast' does not fit trl.SFTConfig.learning_rate (float)"),
+        ({"bf16": "yes"}, "train.trl.bf16='yes' does not fit trl.SFTConfig.bf16 (bool | None)"),
+        ({"max_length": 1.5}, "train.trl.max_length=1.5 does not fit trl.SFTConfig.max_length (int | None)"),
+        ({"model_init_kwargs": {"attn_implementation": "eager"}}, "train.trl.model_init_kwargs.attn_implementation is set by sandlab (train.attn_implementation)"),
+    ],
+)
+def test_trl_key_check_is_one_line_naming_the_key(trl, message):
+    from trl import SFTConfig
+
+    from sandlab.train.validate import SFT_RESERVED, check_trl_keys
+
+    with pytest.raises(ConfigError) as info:
+        check_trl_keys(trl, SFTConfig, where="train.trl", reserved=SFT_RESERVED)
+    assert str(info.value).startswith(message) and "\n" not in str(info.value)
+
+
+def test_grpo_key_check_rejects_typos_and_per_stage_settings():
+    from trl import GRPOConfig
+
+    from sandlab.train.validate import GRPO_RESERVED, check_trl_keys
+
+    with pytest.raises(ConfigError, match=r"^rl.trl.epsilon_hi is not a GRPOConfig field; did you mean epsilon_high"):
+        check_trl_keys({"epsilon_hi": 0.28}, GRPOConfig, where="rl.trl", reserved=GRPO_RESERVED)
+    with pytest.raises(ConfigError, match=r"^rl.trl.max_completion_length is set by sandlab \(per stage: rl.stages\[i\].max_completion_length\)"):
+        check_trl_keys({"max_completion_length": 512}, GRPOConfig, where="rl.trl", reserved=GRPO_RESERVED)
+    # fine: TRL fields with values of their types, and a partial model_init_kwargs
+    check_trl_keys({"beta": 0, "loss_type": "dapo", "save_strategy": "steps", "model_init_kwargs": {"use_kernels": True}}, GRPOConfig,
+                   where="rl.trl", reserved=GRPO_RESERVED)
+
+
+def test_a_warmup_ratio_is_a_float_warmup_steps_and_cpu_recipes_build_their_trl_configs(tmp_path):
+    """transformers 5 has no warmup_ratio: warmup_steps below 1 is the ratio (small.yaml: 3% of the
+    steps). The CPU recipes' settings build real SFTConfig/GRPOConfig objects."""
+    from trl import GRPOConfig, SFTConfig
+
+    from sandlab.train.grpo import build_grpo_config
+    from sandlab.train.sft import build_sft_config
+
+    small = recipe_trl_arguments("demo train=small")["sft"]
+    small = {k: v for k, v in small.items() if k != "__class__"} | {"bf16": False, "use_cpu": True, "output_dir": str(tmp_path)}  # no GPU here
+    assert SFTConfig(**small).get_warmup_steps(200) == 6
+    tiny = validate_recipe(compose_recipe("tiny", runnable_overrides("tiny", ["+rl=cpu_tiny"])))
+    sft = build_sft_config(tiny.train, output_dir=str(tmp_path), run_name="t", seed=0, report_to=[], eos_token="<|im_end|>")
+    assert isinstance(sft, SFTConfig) and (sft.max_steps, sft.max_length, sft.completion_only_loss, sft.get_warmup_steps(200)) == (2, 256, True, 0)
+    grpo = build_grpo_config(tiny.rl, tiny.rl.stages[1], output_dir=str(tmp_path), run_name="t", seed=0, report_to=[])
+    assert isinstance(grpo, GRPOConfig) and (grpo.max_completion_length, grpo.learning_rate, grpo.beta, grpo.loss_type) == (16, 5e-6, 0.0, "dapo")
+
+
+def test_cost_estimate_reads_trl_defaults_equal_to_trl():
+    """The dry-run estimate avoids importing trl; its copy of SFTConfig's defaults must stay TRL's."""
+    import dataclasses
+
+    from trl import SFTConfig
+
+    from sandlab.launch.cost import SFT_DEFAULTS
+
+    defaults = {f.name: f.default for f in dataclasses.fields(SFTConfig)}
+    assert {k: defaults[k] for k in SFT_DEFAULTS} == SFT_DEFAULTS

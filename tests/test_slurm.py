@@ -23,6 +23,8 @@ from wandb_records import run_summary
 ROOT = Path(__file__).resolve().parents[1]
 SHARED_BENCHMARKS = Path(os.environ.get("SANDLAB_BENCHMARK_DIR", ROOT.parent / "shared" / "benchmarks"))
 TERMINAL = {"COMPLETED", "FAILED", "CANCELLED", "TIMEOUT", "NODE_FAIL", "OUT_OF_MEMORY", "BOOT_FAIL", "DEADLINE", "PREEMPTED"}
+# Both tests run jobs on a real Slurm cluster and start vLLM in them (the teacher server, the eval engine).
+pytestmark = [pytest.mark.slurm, pytest.mark.vllm, pytest.mark.slow]
 
 
 def cluster_problem() -> str | None:
@@ -90,7 +92,7 @@ def test_demo_recipe_jobs_on_slurm(slurm_cluster, tmp_path):
            "data.generate.num_problems=16", "data.solve.sampling.max_tokens=160",
            "data.agreement.min_votes=1", "data.agreement.min_agreement=0.34",
            # accelerate + DeepSpeed ZeRO-3 with 2 processes; one ZeRO checkpoint of 135M on disk at a time (~2 GB each)
-           "train=cpu_zero3", "train.max_steps=4", "train.extra_args.save_steps=2", "+train.extra_args.save_total_limit=1",
+           "train=cpu_zero3", "train.trl.max_steps=4", "train.trl.save_steps=2", "+train.trl.save_total_limit=1",
            # one evaluated model (one vLLM engine start in the eval job)
            "eval.models=[tuned]", "eval.limit=2", "eval.sampling.default.max_tokens=48"]
     try:
@@ -156,16 +158,16 @@ def test_two_point_sweep_is_one_array_job_with_a_summary(slurm_cluster, tmp_path
     sweep_dir = tmp_path / "sweep"
     cmd = [sys.executable, "-m", "sandlab.launch.cli", "--config-name", "tiny", "-m", "hydra/launcher=sandlab_slurm",
            "data=from_file", f"data.dataset_path={sft_file}", "stages=[train,eval,report]", "eval.models=[tuned]",
-           f"hydra.sweep.dir={sweep_dir}", "train.learning_rate=1e-4,1e-2"]
+           f"hydra.sweep.dir={sweep_dir}", "train.trl.learning_rate=1e-4,1e-2"]
     result = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT, env=job_env(), timeout=1100)
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
 
     rows = (sweep_dir / "sweep_summary.csv").read_text().splitlines()
     header, points = rows[0].split(","), [dict(zip(rows[0].split(","), r.split(","))) for r in rows[1:]]
-    assert header[:3] == ["point", "train.learning_rate", "status"] and "final_loss" in header
-    assert [p["train.learning_rate"] for p in points] == ["0.0001", "0.01"] and all(p["status"] == "done" for p in points)
+    assert header[:3] == ["point", "train.trl.learning_rate", "status"] and "final_loss" in header
+    assert [p["train.trl.learning_rate"] for p in points] == ["0.0001", "0.01"] and all(p["status"] == "done" for p in points)
     assert points[0]["final_loss"] != points[1]["final_loss"]
-    assert "| point | train.learning_rate | status |" in result.stdout  # printed at the end
+    assert "| point | train.trl.learning_rate | status |" in result.stdout  # printed at the end
 
     # One array job, one task per point.
     infos = [json.loads((sweep_dir / str(i) / "run_info.json").read_text())["slurm"] for i in (0, 1)]
@@ -174,6 +176,6 @@ def test_two_point_sweep_is_one_array_job_with_a_summary(slurm_cluster, tmp_path
     group = f"tiny-sweep-{sweep_dir.name}"
     runs = [run_summary(sweep_dir / str(i))["runs"][0] for i in (0, 1)]
     assert [r["group"] for r in runs] == [group, group] and [r["name"] for r in runs] == [f"{group}-0", f"{group}-1"]
-    assert "train.learning_rate=0.0001" in runs[0]["tags"]
+    assert "train.trl.learning_rate=0.0001" in runs[0]["tags"]
     summary = run_summary(sweep_dir)
     assert summary["runs"][0]["job_type"] == "sweep-summary" and summary["runs"][0]["group"] == group

@@ -110,7 +110,7 @@ def test_gpu_hour_estimate_matches_an_independent_count(paper_dry_run):
     train_cfg = yaml.safe_load((ROOT / "recipes/train/paper_32b.yaml").read_text())
     # 6 N FLOPs per trained token, N = 32.5e9 (model group), ~num_problems x 0.3 kept x 8000 tokens x epochs,
     # 40% of 989.4 TFLOP/s (H100 SXM).
-    tokens = cfg["generate"]["num_problems"] * 0.3 * 8000 * train_cfg["num_train_epochs"]
+    tokens = cfg["generate"]["num_problems"] * 0.3 * 8000 * train_cfg["trl"]["num_train_epochs"]
     hours = tokens * 6 * 32.5e9 / (0.40 * 989.4e12) / 3600
     line = next(line for line in out.splitlines() if line.startswith("train "))
     assert float(line.split()[4].replace(",", "")) == pytest.approx(hours, rel=1e-3)
@@ -129,15 +129,16 @@ def test_passrate_keeps_gpus_when_the_teacher_is_served(tmp_path):
     assert "train/grpo.py" in jobs[f"{name}-grpo"][1] and "data (passrate)" in result.stdout
 
 
+@pytest.mark.slow
 def test_submit_errors_are_one_line(tmp_path):
     bad_nodes = submit("--config-name", "sand_math_qwen2.5_32b", "--dry-run", "cluster=example_h100", "launcher.train.nodes=3")
     assert bad_nodes.returncode == 2
     assert bad_nodes.stderr.strip().splitlines()[-1].startswith("error: train.global_batch_size=16 is not a multiple of")
     unknown = submit("--config-name", "demo", "--dry-run", "cluster=nowhere")
     assert unknown.returncode == 2 and len(unknown.stderr.strip().splitlines()) == 1 and "cluster" in unknown.stderr
-    secret = submit("--config-name", "demo", "--dry-run", "+train.extra_args.hub_token=hf_123")
+    secret = submit("--config-name", "demo", "--dry-run", "+train.trl.hub_token=hf_123")
     assert secret.returncode == 2 and "hf_123" not in secret.stdout + secret.stderr
-    assert secret.stderr.strip().splitlines()[-1].startswith("error: +train.extra_args.hub_token looks like a secret")
+    assert secret.stderr.strip().splitlines()[-1].startswith("error: +train.trl.hub_token looks like a secret")
     in_cluster = submit("--config-name", "demo", "--dry-run", "+cluster.env.HF_TOKEN=hf_abc")
     assert in_cluster.returncode == 2 and "hf_abc" not in in_cluster.stdout + in_cluster.stderr and "looks like a secret" in in_cluster.stderr
     no_data = submit("--config-name", "sand_math_r1_distill_qwen_32b", "--dry-run", f"run.dir={tmp_path / 'empty'}")
@@ -147,6 +148,7 @@ def test_submit_errors_are_one_line(tmp_path):
     assert no_sbatch.stderr.strip().splitlines()[-1] == "error: sbatch not found: submit from a Slurm login node (or use --dry-run to see the scripts)"
 
 
+@pytest.mark.slow
 def test_demo_on_the_local_cluster_runs_cpu_training_without_accelerate(tmp_path):
     result = submit("--config-name", "demo", "--dry-run", f"run.dir={tmp_path / 'r'}")
     assert result.returncode == 0, result.stderr[-2000:]

@@ -8,6 +8,7 @@ import pytest
 from sandlab.train.throughput import mfu, model_flops_per_token, padding_waste, peak_tflops
 
 
+@pytest.mark.slow
 def test_padding_waste_matches_a_hand_count():
     lengths = [3, 9, 5, 40, 7, 2, 11]
     report = padding_waste(lengths, per_device_batch=2, max_length=10, packing=False, seed=4)

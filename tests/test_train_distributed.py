@@ -28,7 +28,7 @@ def sft_data(tmp_path_factory):
 
 
 def command(run_dir, data):
-    return [sys.executable, "train/sft.py", "--config-name", "tiny", "train=cpu_zero3", f"data.dataset_path={data}", f"train.max_steps={STEPS}",
+    return [sys.executable, "train/sft.py", "--config-name", "tiny", "train=cpu_zero3", f"data.dataset_path={data}", f"train.trl.max_steps={STEPS}",
             f"run.dir={run_dir}", "wandb.mode=disabled"]
 
 
@@ -64,6 +64,7 @@ def weights(path):
     return load_file(str(path))
 
 
+@pytest.mark.slow
 def test_zero3_sigkill_resume_matches_uninterrupted_run_and_consolidates(sft_data, tmp_path):
     import torch
 

@@ -20,6 +20,7 @@ TRACE = "<think>\nFirst, 17 + 25: 17 + 20 = 37, then 37 + 5 = 42.\n</think>\n\nT
 PROMPT = [{"role": "system", "content": "Reason step by step."}, {"role": "user", "content": "What is 17 + 25?"}]
 COMPLETION = [{"role": "assistant", "content": TRACE}]
 needs_fixture = pytest.mark.skipif(not R1_TEMPLATE.exists(), reason="needs ../shared/fixtures")
+CPU_TRL = {"bf16": False, "gradient_checkpointing": False, "save_strategy": "no", "use_cpu": True}  # trl.SFTConfig settings for CPU runs
 
 
 @pytest.fixture(scope="module")
@@ -76,6 +77,7 @@ def test_chatml_turn_end_and_broken_templates(tiny_model_path):
         ChatFormat.from_tokenizer(tok)
 
 
+@pytest.mark.slow
 @needs_fixture
 def test_trainer_sees_what_inspection_shows_and_checkpoint_eos_is_consistent(r1_model, tmp_path):
     """TRL's tokenized training rows equal ChatFormat.tokenize (what the inspection command prints);
@@ -87,13 +89,13 @@ def test_trainer_sees_what_inspection_shows_and_checkpoint_eos_is_consistent(r1_
     data = tmp_path / "train.jsonl"
     rows = [{"prompt": PROMPT, "completion": COMPLETION}, {"prompt": PROMPT[1:], "completion": [{"role": "assistant", "content": "<think>x</think>y"}]}]
     data.write_text("".join(json.dumps(r) + "\n" for r in rows))
-    cfg = TrainConfig(max_steps=1, per_device_train_batch_size=2, num_processes=1, global_batch_size=2, max_length=256, bf16=False,
-                      gradient_checkpointing=False, attn_implementation="sdpa", save_strategy="no", use_cpu=True)
+    cfg = TrainConfig(per_device_train_batch_size=2, num_processes=1, global_batch_size=2, attn_implementation="sdpa",
+                      trl={**CPU_TRL, "max_steps": 1, "max_length": 256})
     out = tmp_path / "out"
     trainer = build_sft_trainer(str(r1_model), str(data), cfg, output_dir=str(out), run_name="t", seed=0, report_to=[])
     fmt = ChatFormat.from_tokenizer(AutoTokenizer.from_pretrained(r1_model))
     for row, seen in zip(rows, trainer.train_dataset):
-        expected = fmt.tokenize(row["prompt"], row["completion"], cfg.max_length)
+        expected = fmt.tokenize(row["prompt"], row["completion"], cfg.trl["max_length"])
         labels = [i if m else -100 for i, m in zip(expected["input_ids"], expected["completion_mask"])]
         assert seen["input_ids"] == expected["input_ids"] and seen["labels"] == labels
     trainer.train()
@@ -107,6 +109,7 @@ def test_trainer_sees_what_inspection_shows_and_checkpoint_eos_is_consistent(r1_
     assert saved.chat_template == R1_TEMPLATE.read_text()
 
 
+@pytest.mark.slow
 @needs_fixture
 def test_inspect_command_shows_mask_counts_and_truncation(r1_model, tmp_path):
     data = tmp_path / "train.jsonl"
@@ -115,7 +118,7 @@ def test_inspect_command_shows_mask_counts_and_truncation(r1_model, tmp_path):
     data.write_text("".join(json.dumps(r) + "\n" for r in rows))
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "COLUMNS": "200"}
     result = subprocess.run([sys.executable, "train/inspect_data.py", "--config-name", "tiny", f"model.path={r1_model}", f"data.dataset_path={data}",
-                             "train.max_length=128", "--samples", "1"], capture_output=True, text=True, cwd=ROOT, env=env, timeout=300)
+                             "train.trl.max_length=128", "--samples", "1"], capture_output=True, text=True, cwd=ROOT, env=env, timeout=300)
     assert result.returncode == 0, result.stderr[-2000:]
     out = result.stdout
     assert "17 + 20 = 37" in out and "green = trained on" in out
@@ -125,6 +128,7 @@ def test_inspect_command_shows_mask_counts_and_truncation(r1_model, tmp_path):
     assert bad.returncode == 2 and bad.stderr.strip().startswith("error:")
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("variant", ["lora", "packing"])
 def test_lora_merges_and_packing_trains(tiny_model_path, tmp_path, variant):
     """LoRA (small-model recipes) ends in a plain merged checkpoint; padding-free packing trains."""
@@ -136,9 +140,9 @@ def test_lora_merges_and_packing_trains(tiny_model_path, tmp_path, variant):
     data = tmp_path / "train.jsonl"
     data.write_text("".join(json.dumps({"prompt": PROMPT, "completion": [{"role": "assistant", "content": f"<think>{i}</think>\\boxed{{{i}}}"}]}) + "\n"
                             for i in range(6)))
-    extra = {"lora_r": 8, "lora_alpha": 16, "learning_rate": 1e-2} if variant == "lora" else {"packing": True, "extra_args": {"packing_strategy": "bfd"}}
-    cfg = TrainConfig(max_steps=2, per_device_train_batch_size=2, num_processes=1, global_batch_size=2, max_length=256, bf16=False,
-                      gradient_checkpointing=False, attn_implementation="sdpa", save_strategy="no", use_cpu=True, **extra)
+    trl = {**CPU_TRL, "max_steps": 2, "max_length": 256}
+    extra = {"lora_r": 8, "lora_alpha": 16, "trl": {**trl, "learning_rate": 1e-2}} if variant == "lora" else {"packing": True, "trl": {**trl, "packing_strategy": "bfd"}}
+    cfg = TrainConfig(per_device_train_batch_size=2, num_processes=1, global_batch_size=2, attn_implementation="sdpa", **extra)
     out = tmp_path / "out"
     run_sft(str(tiny_model_path), str(data), cfg, output_dir=str(out), run_name="t", seed=0, report_to=[])
     assert not (out / "adapter_config.json").exists()  # merged: vLLM and eval load it as is
@@ -150,7 +154,7 @@ def test_lora_merges_and_packing_trains(tiny_model_path, tmp_path, variant):
 def test_pre_launch_validation_fails_fast_with_one_line(tiny_model_path, tmp_path):
     from sandlab.train.validate import validate_training
 
-    ok = TrainConfig(num_processes=1, global_batch_size=2, max_length=256, bf16=False, attn_implementation="sdpa", use_cpu=True)
+    ok = TrainConfig(num_processes=1, global_batch_size=2, attn_implementation="sdpa", trl={"max_length": 256, "bf16": False, "use_cpu": True})
     acc = ROOT / "accelerate_configs/ddp.yaml"
     checked = validate_training(str(tiny_model_path), ok, accelerate_config=acc)
     assert checked["turn_end"] == "<|im_end|>" and checked["max_position_embeddings"] >= 256
@@ -159,13 +163,17 @@ def test_pre_launch_validation_fails_fast_with_one_line(tiny_model_path, tmp_pat
     import torch
 
     bad = [
-        ({"max_length": 10**6}, "exceeds the model's max_position_embeddings"),
+        ({"trl": {**ok.trl, "max_length": 10**6}}, "^train.trl.max_length=1000000 exceeds the model's max_position_embeddings"),
         ({"num_processes": 2, "global_batch_size": 4, "accelerate_config": "accelerate_configs/missing.yaml"}, "does not exist"),
+        ({"trl": {**ok.trl, "learning_rte": 1e-5}}, r"^train.trl.learning_rte is not an SFTConfig field; did you mean learning_rate\?$"),
+        ({"trl": {**ok.trl, "warmup_ratio": 0.1}}, "did you mean warmup_steps"),
+        ({"trl": {**ok.trl, "max_steps": "ten"}}, r"^train.trl.max_steps='ten' does not fit trl.SFTConfig.max_steps \(int\)$"),
     ]
     if importlib.util.find_spec("flash_attn") is None:  # the CPU machines this suite runs on
         bad.append(({"attn_implementation": "flash_attention_2"}, "needs flash-attn"))
     if not torch.cuda.is_available():
-        bad.append(({"use_cpu": False}, "no GPU is visible"))
+        bad.append(({"trl": {**ok.trl, "use_cpu": False}}, "no GPU is visible"))
+        bad.append(({"trl": {"max_length": 256, "bf16": False}}, "no GPU is visible"))  # TRL's default: use_cpu=False
     for change, message in bad:
         cfg = TrainConfig(**{**vars(ok), **change})
         with pytest.raises(ConfigError, match=message):

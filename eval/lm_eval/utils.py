@@ -1,12 +1,13 @@
 """Helpers of the sandlab lm-eval tasks: the same benchmark items, prompt text, option order, answer
 extraction and grader as sandlab's own harness (`sandlab.eval.harness`), so both give the same
-per-sample grades.
+per-sample grades. The task YAMLs beside this file are generated from recipes/eval/<protocol>.yaml by
+generate.py (see there); run a protocol with
 
     lm_eval --model vllm --model_args pretrained=<ckpt>,max_model_len=32768 --include_path eval/lm_eval \\
-        --tasks sand_paper --apply_chat_template \\
-        --system_instruction "Please reason step by step, and put your final answer within \\boxed{}." --log_samples --output_path out/
+        --tasks sand_paper --apply_chat_template --log_samples --output_path out/
 
-Benchmarks load like everywhere in sandlab: from the Hub, or from SANDLAB_BENCHMARK_DIR when set.
+The system prompt comes with the tasks (their description). Benchmarks load like everywhere in
+sandlab: from the Hub, or from SANDLAB_BENCHMARK_DIR when set.
 """
 
 from __future__ import annotations
@@ -41,7 +42,8 @@ def load_gpqa_diamond(**_: object) -> datasets.DatasetDict:
     return _dataset("gpqa_diamond")
 
 
-# Prompt text (the user message; the system prompt comes from --system_instruction) and gold answer.
+# Prompt text (the user message; the system prompt is the task's description) and gold answer, per
+# option order (multiple-choice items only; math items read the same in every order).
 def doc_to_text(doc: dict) -> str:
     return render_prompt(doc, "")[-1]["content"]
 
@@ -50,7 +52,7 @@ def doc_to_target(doc: dict) -> str:
     return gold_of(doc)
 
 
-def doc_to_text_correct_first(doc: dict) -> str:  # the paper protocol's GPQA (AMD's file lists the correct option first)
+def doc_to_text_correct_first(doc: dict) -> str:  # option_order correct_first (paper: AMD's GPQA file lists it first)
     return render_prompt(doc, "", "correct_first")[-1]["content"]
 
 
@@ -58,7 +60,7 @@ def doc_to_target_correct_first(doc: dict) -> str:
     return gold_of(doc, "correct_first")
 
 
-def doc_to_text_shuffled(doc: dict) -> str:  # the standard protocol's GPQA (a fixed permutation per question)
+def doc_to_text_shuffled(doc: dict) -> str:  # option_order shuffled, option_seed 0 (standard: a fixed permutation per question)
     return render_prompt(doc, "", "shuffled", 0)[-1]["content"]
 
 

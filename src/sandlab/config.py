@@ -9,13 +9,60 @@ from __future__ import annotations
 
 import re
 from dataclasses import dataclass, field
+from enum import StrEnum
 from typing import Any, Optional
 
+import yaml
 from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
 from sandlab.errors import ConfigError
 from sandlab.runs import SECRET_KEY_RE
+
+
+class Choice(StrEnum):
+    """A recipe field with a fixed set of values. A bad value fails when the recipe is composed, naming
+    the field; a member compares, hashes, formats and serialises (JSON, YAML) as its plain string.
+    OmegaConf reads a member by its *name*, so every member's name is its value."""
+
+
+# yaml.safe_dump (dataset cards) writes a choice as its string, as json.dumps and OmegaConf do.
+yaml.SafeDumper.add_multi_representer(Choice, lambda dumper, value: dumper.represent_str(str(value)))
+
+
+class GenerationStyle(Choice):
+    math = "math"  # single-numerical-answer problems
+    mcq = "mcq"  # PhD-level A-D questions (science)
+    general = "general"  # open-ended user requests from a domain -> topic -> task taxonomy (LuminaSFT-style)
+
+
+class AgreementMode(Choice):
+    majority = "majority"  # independent answers must agree (seedless SAND)
+    reference = "reference"  # solutions must match the problem's reference answer (distillation mode)
+    single = "single"  # open-ended tasks: the first complete response is kept
+
+
+class OverlongPolicy(Choice):
+    mask = "mask"  # completions cut at the limit are left out of the loss
+    penalty = "penalty"  # DAPO soft overlong punishment over the last rl.overlong_buffer tokens
+    none = "none"
+
+
+class PaperTable(Choice):
+    table1 = "table1"
+    table2 = "table2"
+
+
+class Backend(Choice):
+    vllm = "vllm"  # the in-process vLLM engine
+    openai = "openai"  # OpenAI-compatible servers (vLLM, SGLang, a hosted API)
+    hf = "hf"  # transformers generate (CPU fallback, tests)
+
+
+class OptionOrder(Choice):
+    as_is = "as_is"  # the benchmark file's order
+    correct_first = "correct_first"  # the correct option is A (AMD's GPQA file: the paper protocol)
+    shuffled = "shuffled"  # a fixed permutation per question from eval.option_seed (the standard protocol)
 
 
 @dataclass
@@ -37,7 +84,7 @@ class ModelConfig:
 class BackendConfig:
     """An inference backend: the in-process vLLM engine, OpenAI-compatible servers, or transformers."""
 
-    backend: str = "vllm"  # vllm | openai | hf
+    backend: Backend = Backend.vllm
     model: str = "embedded://smollm2-135m-instruct"  # model path/id; for openai: the served model name
     base_urls: list[str] = field(default_factory=list)  # openai backend: one or more http://host:port/v1
     # openai backend: a file of base URLs, one per line, written by the servers as they come up
@@ -63,6 +110,12 @@ class BackendConfig:
 
 @dataclass
 class SamplingSettings:
+    """Sampling for one stage or benchmark, and for one ``ChatBackend.generate`` call.
+
+    ``seed`` is a base seed: conversation ``i`` of a call is sampled with ``seed + i``, so identical
+    prompts in one batch still get different samples while a rerun of the same batch reproduces them.
+    """
+
     n: int = 1
     temperature: float = 0.0
     top_p: float = 1.0
@@ -76,7 +129,7 @@ class GenerationStage:
     num_problems: int = 8
     # math: single-numerical-answer problems; mcq: PhD-level A-D questions (science); general:
     # open-ended user requests from a domain -> topic -> task taxonomy (LuminaSFT-style).
-    style: str = "math"
+    style: GenerationStyle = GenerationStyle.math
     domain: str = "math"
     taxonomy: str = "data_gen/taxonomies/math.yaml"
     prompt: str = "data_gen/prompts/math_problem.txt"
@@ -107,7 +160,7 @@ class AgreementStage:
     # majority: independent answers must agree (seedless SAND); reference: solutions must match the
     # problem's reference answer (distillation mode, as in AM-DeepSeek-R1-Distilled); single:
     # open-ended tasks with no answer to agree on keep their first complete response.
-    mode: str = "majority"
+    mode: AgreementMode = AgreementMode.majority
     # Fraction of votes the majority answer needs; 1.0 = unanimity (the SAND setting).
     min_agreement: float = 1.0
     min_votes: int = 2
@@ -121,6 +174,10 @@ class AgreementStage:
     judge_equivalence_prompt: str = "data_gen/prompts/judge_equivalence.txt"
     # Room for a reasoning teacher to think before it answers.
     judge_sampling: SamplingSettings = field(default_factory=lambda: SamplingSettings(temperature=0.0, max_tokens=4096))
+
+    def __post_init__(self) -> None:
+        if not 0 < self.min_agreement <= 1:
+            raise ConfigError(f"data.agreement.min_agreement={self.min_agreement} must be in (0, 1]")
 
 
 @dataclass
@@ -222,6 +279,10 @@ class PartitionSettings:
     count: int = 1
     index: Optional[int] = None
 
+    def __post_init__(self) -> None:
+        if self.count < 1 or (self.index is not None and not 0 <= self.index < self.count):
+            raise ConfigError(f"data.partition.index={self.index} must be in [0, data.partition.count={self.count})")
+
 
 @dataclass
 class DataConfig:
@@ -250,33 +311,39 @@ class DataConfig:
 
 @dataclass
 class TrainConfig:
+    """SFT with TRL's SFTTrainer. Typed here is what sandlab itself owns: processes and the global batch
+    (checked, and re-laid out over Slurm nodes), the accelerate config, the attention kernel the model
+    loads with, packing and LoRA. Every other ``trl.SFTConfig`` setting goes in ``trl`` under TRL's own
+    name (learning_rate, num_train_epochs, max_steps, max_length, warmup_steps, bf16, use_cpu, ...);
+    preflight checks the names against SFTConfig (sandlab.train.validate.check_trl_keys)."""
+
     method: str = "sft"
-    learning_rate: float = 5e-6
-    lr_scheduler_type: str = "cosine"
-    warmup_ratio: float = 0.0
-    num_train_epochs: float = 5.0
-    max_steps: int = -1
+    num_processes: int = 8
+    # per_device_train_batch_size x gradient_accumulation_steps x num_processes must equal it.
+    global_batch_size: int = 16
     per_device_train_batch_size: int = 2
     gradient_accumulation_steps: int = 1
-    num_processes: int = 8
-    global_batch_size: int = 16
-    max_length: int = 32768
+    # Padding-free packing of samples into max_length rows (trl.packing_strategy picks bfd or wrapped).
     packing: bool = False
-    bf16: bool = True
-    gradient_checkpointing: bool = True
+    # The model's attention kernel (trl model_init_kwargs.attn_implementation); the model's dtype
+    # follows trl.bf16.
     attn_implementation: str = "flash_attention_2"
-    use_liger_kernel: bool = False
-    save_strategy: str = "epoch"
-    logging_steps: int = 1
     accelerate_config: str = "accelerate_configs/zero3.yaml"
-    use_cpu: bool = False
     # LoRA (small-model recipes): r > 0 trains adapters on the target modules; the final checkpoint is merged.
     lora_r: int = 0
     lora_alpha: int = 32
     lora_dropout: float = 0.05
     lora_target_modules: list[str] = field(default_factory=lambda: ["all-linear"])
-    # Any further trl.SFTConfig field, passed through as is.
-    extra_args: dict[str, Any] = field(default_factory=dict)
+    # trl.SFTConfig settings, passed through as given (TRL's defaults for the rest).
+    trl: dict[str, Any] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        if self.per_device_train_batch_size * self.gradient_accumulation_steps * self.num_processes != self.global_batch_size:
+            raise ConfigError(
+                f"train.global_batch_size={self.global_batch_size} but per_device_train_batch_size x "
+                f"gradient_accumulation_steps x num_processes = {self.per_device_train_batch_size} x "
+                f"{self.gradient_accumulation_steps} x {self.num_processes}; fix one of them"
+            )
 
 
 @dataclass
@@ -293,7 +360,12 @@ class RLStage:
 class RLConfig:
     """GRPO on verifiable problems (AM-Thinking-v1 style): reward 1 when the shared grader accepts the
     final answer, prompts pre-selected by pass rate (the ``passrate`` data stage with the SFT model as
-    student, strictly between 0 and 1), several stages with a rising completion limit."""
+    student, strictly between 0 and 1), several stages with a rising completion limit.
+
+    Typed here is what sandlab owns: where GRPO starts and what it reads, processes and the batch of
+    completions, the overlong policy, the attention kernel, the accelerate config and the stages. Every
+    other ``trl.GRPOConfig`` setting goes in ``trl`` under TRL's own name (beta, epsilon_high,
+    loss_type, temperature, use_vllm, ...); preflight checks the names against GRPOConfig."""
 
     # The SFT checkpoint GRPO starts from; None: this run's trained checkpoint (train stage). The
     # passrate stage's student may be given as "tuned" to mean the same model.
@@ -301,31 +373,22 @@ class RLConfig:
     # JSONL of {problem or prompt, answer}; None: this run's `passrate` (else `export`) output.
     dataset_path: Optional[str] = None
     system_prompt: str = "Please reason step by step, and put your final answer within \\boxed{}."
+    # per_device_train_batch_size x num_processes x gradient_accumulation_steps completions per step,
+    # num_generations of them per prompt.
     num_generations: int = 16
     per_device_train_batch_size: int = 16
     gradient_accumulation_steps: int = 4
     num_processes: int = 8
-    temperature: float = 1.0
-    top_p: float = 1.0
-    beta: float = 0.0  # no KL term (DAPO, AM-Thinking)
-    epsilon: float = 0.2
-    epsilon_high: float = 0.28  # clip-higher
-    loss_type: str = "dapo"
-    # Completions cut at the limit: mask (left out of the loss), penalty (DAPO soft overlong punishment
-    # over the last overlong_buffer tokens), none.
-    overlong: str = "mask"
+    # Completions cut at the limit: mask (left out of the loss: trl mask_truncated_completions), penalty
+    # (DAPO soft overlong punishment over the last overlong_buffer tokens, a second reward), none.
+    overlong: OverlongPolicy = OverlongPolicy.mask
     overlong_buffer: int = 4096
-    use_vllm: bool = True
-    vllm_mode: str = "colocate"
-    bf16: bool = True
-    gradient_checkpointing: bool = True
-    attn_implementation: str = "flash_attention_2"
-    use_cpu: bool = False
+    attn_implementation: str = "flash_attention_2"  # the model's dtype follows trl.bf16
     accelerate_config: str = "accelerate_configs/zero3.yaml"
-    save_strategy: str = "steps"
-    logging_steps: int = 1
+    # Per stage: max_completion_length, learning_rate, num_train_epochs, max_steps.
     stages: list[RLStage] = field(default_factory=lambda: [RLStage(24576, 1.0e-6), RLStage(32768, 5.0e-7)])
-    extra_args: dict[str, Any] = field(default_factory=dict)  # any further trl.GRPOConfig field
+    # trl.GRPOConfig settings, passed through as given to every stage (TRL's defaults for the rest).
+    trl: dict[str, Any] = field(default_factory=dict)
 
 
 @dataclass
@@ -341,11 +404,11 @@ class EvalConfig:
     # label names the row in results and paper tables).
     models: list[str] = field(default_factory=lambda: ["tuned"])
     # table1 | table2: the report also writes the paper's table (eval/published.yaml) with measured values.
-    table: Optional[str] = None
+    table: Optional[PaperTable] = None
     grading_timeout_s: float = 5.0
     # Multiple-choice option order: as_is (the benchmark file's), correct_first (AMD's GPQA file: the
     # paper protocol), shuffled (a fixed permutation per question from option_seed: the standard one).
-    option_order: str = "as_is"
+    option_order: OptionOrder = OptionOrder.as_is
     option_seed: int = 0
     chunk_size: int = 64  # items per saved chunk of samples: a killed evaluation resumes at the first unfinished one
 
@@ -415,6 +478,10 @@ class CostAssumptions:
     output_fill: float = 0.5  # mean generated tokens / max_tokens
     mean_train_tokens: int = 8000  # per training example (prompt + reasoning trace)
 
+    def __post_init__(self) -> None:
+        if not (0 < self.train_mfu <= 1 and 0 < self.inference_mfu <= 1 and 0 < self.output_fill <= 1 and 0 < self.kept_fraction <= 1):
+            raise ConfigError("launcher.cost: train_mfu, inference_mfu, output_fill and kept_fraction must be in (0, 1]")
+
 
 @dataclass
 class LauncherConfig:
@@ -459,20 +526,7 @@ class RecipeConfig:
     launcher: LauncherConfig = field(default_factory=LauncherConfig)
     cluster: ClusterConfig = field(default_factory=ClusterConfig)
 
-
-# difficulty, hike, passrate and novelty are opt-in: add them to a recipe's `stages` (before export).
-DATA_STAGES = ("generate", "solve", "filter", "dedup", "decontam", "difficulty", "hike", "passrate", "novelty", "export")
-STAGES = (*DATA_STAGES, "train", "grpo", "eval", "report")
-BACKENDS = ("vllm", "openai", "hf")
-
-
-def stage_kind(stage: str) -> str:
-    """What a stage needs to run: data (teacher), train, grpo, eval (report goes with eval)."""
-    if stage in DATA_STAGES:
-        return "data"
-    if stage in ("train", "grpo"):
-        return stage
-    return "eval"
+BACKENDS = tuple(b.value for b in Backend)
 
 
 def job_setup_lines(key: str = "cluster", *, _root_: Any = None) -> list[str]:
@@ -505,7 +559,8 @@ register_schema()
 
 
 def validate_recipe(cfg: DictConfig) -> RecipeConfig:
-    """Merge the composed config into the schema and check cross-field rules; raise ConfigError."""
+    """Merge the composed config into the schema and check cross-field rules; raise ConfigError.
+    The stage lists are checked against the stage registry by ``sandlab.stages.load_recipe``."""
     plain = OmegaConf.to_container(cfg, resolve=True)
     plain.pop("hydra", None)
     try:
@@ -515,38 +570,10 @@ def validate_recipe(cfg: DictConfig) -> RecipeConfig:
         msg = str(exc).splitlines()[0]
         key = getattr(exc, "full_key", None)
         raise ConfigError(f"invalid recipe value{f' at {key}' if key else ''}: {msg}") from None
-    unknown = [s for s in recipe.stages if s not in STAGES]
-    if unknown:
-        raise ConfigError(f"unknown stage(s) {unknown}; choose from {list(STAGES)}")
-    not_in_recipe = [s for s in recipe.run.only or [] if s not in recipe.stages]
-    if not_in_recipe:
-        raise ConfigError(f"run.only={not_in_recipe} names stages this recipe does not have; its stages: {recipe.stages}")
     for where, backend in (("teacher", recipe.teacher), ("eval.backend", recipe.eval.backend), ("data.passrate.student", recipe.data.passrate.student)):
-        if backend.backend not in BACKENDS:
-            raise ConfigError(f"{where}.backend={backend.backend!r} is not one of {list(BACKENDS)}")
         if backend.backend == "openai" and not backend.base_urls and not backend.endpoints_file:
             raise ConfigError(f"{where}.backend=openai needs {where}.base_urls=[http://host:port/v1, ...] or {where}.endpoints_file")
-    t = recipe.train
-    if t.per_device_train_batch_size * t.gradient_accumulation_steps * t.num_processes != t.global_batch_size:
-        raise ConfigError(
-            f"train.global_batch_size={t.global_batch_size} but per_device_train_batch_size x "
-            f"gradient_accumulation_steps x num_processes = {t.per_device_train_batch_size} x "
-            f"{t.gradient_accumulation_steps} x {t.num_processes}; fix one of them"
-        )
-    d = recipe.data
-    makes_data = any(s in DATA_STAGES for s in recipe.stages)
-    if "train" in recipe.stages and makes_data and d.variants and not d.dataset_path and not d.mix:
-        produced = {d.export.variant} | ({"hiked"} if "hike" in recipe.stages else set())
-        foreign = [v for v in d.variants if v not in produced]
-        if foreign:
-            raise ConfigError(f"data.variants includes {foreign}, which this run's data stages do not produce ({sorted(produced)}); "
-                              "add their exports with data.mix=[<run>/sft, ...]")
-    if recipe.eval.table is not None and recipe.eval.table not in ("table1", "table2"):
-        raise ConfigError(f"eval.table={recipe.eval.table!r} is not one of ['table1', 'table2']")
-    if recipe.eval.option_order not in ("as_is", "correct_first", "shuffled"):
-        raise ConfigError(f"eval.option_order={recipe.eval.option_order!r} is not one of ['as_is', 'correct_first', 'shuffled']")
-    if recipe.rl.overlong not in ("mask", "penalty", "none"):
-        raise ConfigError(f"rl.overlong={recipe.rl.overlong!r} is not one of ['mask', 'penalty', 'none']")
+    # Choices (Choice fields) fail at compose; single-section ranges and the global batch in __post_init__.
     if "grpo" in recipe.stages:
         if "train" not in recipe.stages and not recipe.rl.init_from:
             raise ConfigError("GRPO starts from an SFT checkpoint: set rl.init_from=<sft run>/checkpoints/final (or add the train stage)")
@@ -555,20 +582,8 @@ def validate_recipe(cfg: DictConfig) -> RecipeConfig:
         r = recipe.rl
         if (r.per_device_train_batch_size * r.num_processes * r.gradient_accumulation_steps) % r.num_generations:
             raise ConfigError(f"rl: per_device_train_batch_size x num_processes x gradient_accumulation_steps must be a multiple of num_generations={r.num_generations}")
-    part = recipe.data.partition
-    if part.count < 1 or (part.index is not None and not 0 <= part.index < part.count):
-        raise ConfigError(f"data.partition.index={part.index} must be in [0, data.partition.count={part.count})")
-    if recipe.data.agreement.mode not in ("majority", "reference", "single"):
-        raise ConfigError(f"data.agreement.mode={recipe.data.agreement.mode!r} is not one of ['majority', 'reference', 'single']")
-    if recipe.data.generate.style not in ("math", "mcq", "general"):
-        raise ConfigError(f"data.generate.style={recipe.data.generate.style!r} is not one of ['math', 'mcq', 'general']")
-    if recipe.data.generate.style == "general" and recipe.data.agreement.mode != "single" and "filter" in recipe.stages:
+    if recipe.data.generate.style == GenerationStyle.general and recipe.data.agreement.mode != AgreementMode.single and "filter" in recipe.stages:
         raise ConfigError("data.generate.style=general has no answers to agree on; set data.agreement.mode=single")
-    if not 0 < recipe.data.agreement.min_agreement <= 1:
-        raise ConfigError("data.agreement.min_agreement must be in (0, 1]")
-    cost = recipe.launcher.cost
-    if not (0 < cost.train_mfu <= 1 and 0 < cost.inference_mfu <= 1 and 0 < cost.output_fill <= 1 and 0 < cost.kept_fraction <= 1):
-        raise ConfigError("launcher.cost: train_mfu, inference_mfu, output_fill and kept_fraction must be in (0, 1]")
     # Jobs render cluster.env and cluster.setup into their scripts, and W&B records the cluster config.
     exported = [k for k in recipe.cluster.env] + [m.group(1) for line in recipe.cluster.setup for m in [re.match(r"\s*export\s+(\w+)=", line)] if m]
     secret = [k for k in exported if SECRET_KEY_RE.search(k)]

@@ -5,7 +5,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -51,3 +51,23 @@ def write_json(path: str | Path, obj: Any) -> None:
     tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
     tmp.write_text(json.dumps(obj, indent=2, ensure_ascii=False, default=str) + "\n", encoding="utf-8")
     os.replace(tmp, path)
+
+
+def map_shards(fn: Callable[[list[Any], int], Any], items: list[Any], size: int, shard_dir: Path, *,
+               save: Callable[[Path, Any], Any] = write_json, load: Callable[[Path], Any] | None = None, suffix: str = ".json") -> list[Any]:
+    """``fn(shard, start)`` over consecutive shards of ``items``, each result saved atomically under
+    ``shard_dir`` as it finishes: a killed job resumes at the first unfinished shard and never redoes
+    or duplicates finished work. ``start`` is the shard's position in ``items`` (sampling seeds follow
+    it). Returns the shards' results in order; the caller removes ``shard_dir`` once it has merged them."""
+    load = load or (lambda path: json.loads(path.read_text(encoding="utf-8")))
+    size = max(1, size)
+    results = []
+    for start in range(0, len(items), size):
+        path = shard_dir / f"{start // size:06d}{suffix}"
+        if path.exists():
+            results.append(load(path))
+            continue
+        result = fn(items[start : start + size], start)
+        save(path, result)
+        results.append(result)
+    return results

@@ -3,11 +3,16 @@
 from __future__ import annotations
 
 import csv
+import json
+import logging
 from collections import Counter
 from pathlib import Path
 from typing import Any
 
-from sandlab.records import Record
+from sandlab.records import Record, read_jsonl
+from sandlab.stages import Kind, Stage, StageContext
+
+log = logging.getLogger("sandlab")
 
 
 def teacher_tokens(stage: str, kept: list[Record], dropped: list[Record]) -> int:
@@ -203,3 +208,32 @@ def print_results(results: dict[str, dict[str, dict[str, Any]]], funnel: list[di
         for model, per_bench in results.items():
             table.add_row(model, *[f"{per_bench[b]['pass@1']:.1f}" if b in per_bench else "-" for b in benchmarks])
         console.print(table)
+
+
+def run_report(ctx: StageContext) -> dict[str, Any]:
+    """report.md, results.csv, the funnel and distribution plots, the paper table and the W&B summary."""
+    from sandlab.tracking import log_results  # noqa: PLC0415
+
+    run_path, data_dir = ctx.run.path, ctx.data_dir
+    funnel = ctx.funnel()
+    results_path = run_path / "eval" / "results.json"
+    results = json.loads(results_path.read_text()) if results_path.exists() else {}
+    if funnel:
+        plot_funnel(funnel, run_path / "funnel.png")
+    final = data_dir / "export.jsonl"
+    if final.exists():
+        rated = {r["id"]: r.get("difficulty") for r in read_jsonl(data_dir / "difficulty.jsonl")} if (data_dir / "difficulty.jsonl").exists() else {}
+        plot_distributions([{**r, "difficulty": rated.get(r["id"])} for r in read_jsonl(final)], run_path / "distributions.png")
+    write_results(results, funnel, run_path, title=f"sandlab run: {ctx.cfg.recipe}")
+    if ctx.cfg.eval.table and results:
+        from sandlab.eval.tables import write_table  # noqa: PLC0415
+
+        log.info("paper table: %s", write_table(ctx.cfg.eval.table, results, run_path / "tables"))
+    print_results(results, funnel)
+    log_results(results, funnel, throughput(funnel), run_path)
+    log.info("report: %s", run_path / "report.md")
+    return {"models": list(results), "stages": [row["stage"] for row in funnel]}
+
+
+# The report is rewritten on every run (it reads whatever the run directory holds by then).
+STAGE = Stage("report", Kind.REPORT, run_report)

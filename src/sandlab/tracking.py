@@ -9,12 +9,15 @@ Slurm job continues the same W&B run instead of starting a duplicate.
 from __future__ import annotations
 
 import hashlib
+import logging
 import os
 from pathlib import Path
 from typing import Any
 
 from sandlab.config import WandbConfig
 from sandlab.runs import redact
+
+log = logging.getLogger("sandlab")
 
 
 def resolve_mode(cfg: WandbConfig) -> str:
@@ -93,3 +96,53 @@ def finish_wandb() -> None:
 
     if wandb.run is not None:
         wandb.finish()
+
+
+def start_tracking(cfg: WandbConfig, *, recipe: str, run_dir: Path, root_run_dir: Path, config: dict[str, Any], job_type: str,
+                   sweep: dict[str, Any] | None = None, partition_index: int | None = None) -> None:
+    """Name, group and tags of this process's W&B run, then ``init_wandb``; tracking never stops a job."""
+    group, tags = cfg.group, []
+    name = cfg.name or f"{recipe}-{root_run_dir.name}"
+    if sweep is not None:  # every point of a sweep in one group, named by its number
+        if not cfg.group or cfg.group == recipe:
+            group = f"{recipe}-sweep-{Path(sweep['dir']).name}"
+        name = cfg.name or f"{group}-{sweep['num']}"
+        tags = ["sweep", *sweep["overrides"]][:20]
+    if job_type != "pipeline":
+        name += f"-{job_type}"
+    if partition_index is not None:
+        name += f"-part{partition_index}"
+    try:
+        init_wandb(cfg, name=name, run_dir=str(run_dir), config=config, job_type=job_type, group=group, tags=tags,
+                   run_id=stable_run_id(str(run_dir), name))
+    except Exception as exc:  # noqa: BLE001 (tracking must never stop a job; the run directory has everything)
+        log.warning("W&B tracking is off for this process: %s", str(exc).splitlines()[0] if str(exc) else type(exc).__name__)
+
+
+def log_results(results: dict, funnel: list, throughput: dict[str, float] | None, run_dir: Path) -> None:
+    """Evaluation scores and data throughput in the run summary; the funnel table and plots as media."""
+    import wandb  # noqa: PLC0415
+
+    if wandb.run is None:
+        return
+    for model, per_bench in results.items():
+        for bench, metrics in per_bench.items():
+            wandb.run.summary[f"eval/{model}/{bench}/pass@1"] = metrics["pass@1"]
+    for key, value in (throughput or {}).items():
+        wandb.run.summary[f"data/{key}"] = value
+    if funnel:
+        wandb.log({"funnel": wandb.Table(columns=["stage", "in", "out", "dropped"], data=[[r["stage"], r["in"], r["out"], r["dropped"]] for r in funnel])})
+        for plot in ("funnel", "distributions"):
+            if (run_dir / f"{plot}.png").exists():
+                wandb.log({f"{plot}_plot": wandb.Image(str(run_dir / f"{plot}.png"))})
+
+
+def log_stage_artifacts(stage: str, recipe: str, run_dir: Path, *, description: str = "", funnel: list | None = None) -> None:
+    """The exported dataset and the evaluation tables become W&B artifacts of the run."""
+    if stage == "export" and (run_dir / "sft").is_dir():
+        log_artifact(f"{recipe}-sft", "dataset", [run_dir / "sft"], description=description, metadata={"funnel": funnel or [], "run_dir": str(run_dir)})
+    elif stage == "report" and (run_dir / "results.csv").is_file():
+        tables_dir = run_dir / "tables"
+        tables = {"results": run_dir / "results.csv", **{p.stem: p for p in sorted(tables_dir.glob("*.csv"))}}
+        paths = [run_dir / "results.csv", run_dir / "report.md", run_dir / "eval" / "results.json", tables_dir]
+        log_artifact(f"{recipe}-eval", "eval-results", [p for p in paths if p.exists()], metadata={"run_dir": str(run_dir)}, tables=tables)

@@ -44,18 +44,50 @@ def answer_kind(rec: Record) -> str:
 
 
 def cluster_answers(answers: list[str], pool: GradingPool, kind: str = "math") -> list[list[int]]:
-    """Greedy equivalence clusters: each answer joins the first cluster whose representative it equals."""
-    clusters: list[list[int]] = []
-    for i, answer in enumerate(answers):
-        if clusters:
-            reps = [answers[c[0]] for c in clusters]
-            results = pool.grade_many([GradeItem(response=f"\\boxed{{{answer}}}", gold=rep, kind=kind) for rep in reps])
-            match = next((ci for ci, r in enumerate(results) if r.correct), None)
-            if match is not None:
-                clusters[match].append(i)
+    """Greedy equivalence clusters: each answer joins the first cluster whose representative it equals.
+
+    A cluster's representative is its first answer; it is the gold of each comparison (math-verify's
+    ``verify(parse(gold), parse(pred))`` is not symmetric). See ``cluster_answers_many``.
+    """
+    return cluster_answers_many([answers], pool, [kind])[0]
+
+
+def cluster_answers_many(groups: list[list[str]], pool: GradingPool, kinds: list[str] | None = None) -> list[list[list[int]]]:
+    """``cluster_answers`` for many answer lists, batched: one ``pool.grade_many`` call per round.
+
+    Round k makes each list's first unclustered answer the representative of its k-th cluster and
+    compares every later unclustered answer of that list with it, all lists in the same call. This is
+    exactly the greedy one-answer-at-a-time order: an answer reaches round k only if it matched none
+    of the earlier representatives, and the same (representative, answer) pairs are compared, so the
+    clusters are identical, with as many pool calls as the largest number of clusters in one list
+    instead of one per answer. A verdict depends only on the two strings, so answers repeated
+    verbatim in a list are graded once per round.
+    """
+    kinds = kinds if kinds is not None else ["math"] * len(groups)
+    if len(kinds) != len(groups):
+        raise ValueError(f"{len(kinds)} kinds for {len(groups)} answer lists")
+    clusters: list[list[list[int]]] = [[] for _ in groups]
+    unclustered = [list(range(len(answers))) for answers in groups]
+    while True:
+        items: dict[GradeItem, int] = {}  # unique items of this round -> position in the batch
+        where: list[tuple[int, int, int]] = []  # (list, answer, position of its item)
+        for g, answers in enumerate(groups):
+            if not unclustered[g]:
                 continue
-        clusters.append([i])
-    return clusters
+            rep, *rest = unclustered[g]
+            clusters[g].append([rep])
+            unclustered[g] = []
+            for j in rest:
+                item = GradeItem(response=f"\\boxed{{{answers[j]}}}", gold=answers[rep], kind=kinds[g])
+                where.append((g, j, items.setdefault(item, len(items))))
+        if not items:
+            return clusters
+        results = pool.grade_many(list(items))
+        for g, j, k in where:
+            if results[k].correct:
+                clusters[g][-1].append(j)
+            else:
+                unclustered[g].append(j)
 
 
 def _judge_sampling(cfg: AgreementStage):

@@ -18,11 +18,12 @@ from typing import Any
 import numpy as np
 
 from sandlab.benchmarks import load_benchmark
-from sandlab.config import DecontamStage
+from sandlab.config import DecontamStage, SamplingSettings
 from sandlab.embeddings import embed
 from sandlab.errors import ConfigError
-from sandlab.inference.base import ChatBackend, SamplingConfig
-from sandlab.records import Record, read_jsonl
+from sandlab.inference.base import ChatBackend
+from sandlab.records import Record, read_jsonl, write_json
+from sandlab.stages import Kind, Stage, StageContext
 from sandlab.text import normalize_text, text_key, word_ngrams
 
 MIN_SHORT_WORDS = 4
@@ -103,7 +104,7 @@ def _evidence(item: dict[str, Any], layer: str, score: float) -> dict[str, Any]:
 
 def _judge(backend: ChatBackend, pairs: list[tuple[str, str]]) -> list[bool]:
     prompts = [[{"role": "user", "content": JUDGE_PROMPT.format(a=a, b=b)}] for a, b in pairs]
-    outputs = backend.generate(prompts, SamplingConfig(n=1, temperature=0.0, max_tokens=8), desc="decontam judge")
+    outputs = backend.generate(prompts, SamplingSettings(n=1, temperature=0.0, max_tokens=8), desc="decontam judge")
     return [bool(out) and out[0].ok and out[0].text.strip().lower().startswith("yes") for out in outputs]
 
 
@@ -167,3 +168,22 @@ def decontaminate(
         "settings": {"ngram_n": cfg.ngram_n, "ngram_overlap": cfg.ngram_overlap, "embedding_threshold": cfg.embedding_threshold, "llm_judge": cfg.llm_judge},
     }
     return kept, dropped, report
+
+
+def run(ctx: StageContext, records: list[Record], offset: int) -> tuple[list[Record], list[Record]]:
+    judge = ctx.teacher if ctx.cfg.data.decontam.llm_judge else None
+    kept, dropped, report = decontaminate(records, ctx.cfg.data.decontam, judge=judge)
+    write_json(ctx.data_dir / "decontamination_report.json", report)
+    return kept, dropped
+
+
+def preflight(ctx: StageContext) -> None:
+    for name in ctx.cfg.data.decontam.benchmarks:
+        load_benchmark(name, limit=1)
+
+
+STAGE = Stage(
+    "decontam", Kind.DATA, run, preflight=preflight, config=("data.decontam",), needs_teacher=lambda cfg: cfg.data.decontam.llm_judge,
+    input_fields=("id", "problem"), input_hint="every record needs a stable id and a problem",
+    hint="check data.decontam thresholds; everything matched a test benchmark",
+)

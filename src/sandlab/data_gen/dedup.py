@@ -16,6 +16,7 @@ import numpy as np
 from sandlab.config import DedupStage
 from sandlab.embeddings import embed, inner_product_index
 from sandlab.records import Record
+from sandlab.stages import Kind, Stage, StageContext
 from sandlab.text import normalize_text, text_key, word_ngrams
 
 _MERSENNE = np.uint64((1 << 61) - 1)
@@ -109,3 +110,11 @@ def dedup(records: list[Record], cfg: DedupStage, *, field: str = "problem", vec
             dropped[i] = {**records[i], "reason": "near_duplicate", "duplicate_of": records[live[other]]["id"], "similarity": round(score, 4)}
     kept = [rec for i, rec in enumerate(records) if i not in dropped]
     return kept, [dropped[i] for i in sorted(dropped)]
+
+
+def run(ctx: StageContext, records: list[Record], offset: int) -> tuple[list[Record], list[Record]]:
+    return dedup(records, ctx.cfg.data.dedup)
+
+
+STAGE = Stage("dedup", Kind.DATA, run, config=("data.dedup",), input_fields=("id", "problem"),
+              input_hint="every record needs a stable id and a problem", hint="raise data.dedup.threshold")

@@ -22,6 +22,7 @@ from sandlab.data_gen.taxonomy import Taxonomy
 from sandlab.grading import extract_math_answer, strip_reasoning
 from sandlab.inference.base import ChatBackend, sampling_from
 from sandlab.records import Record, stable_id
+from sandlab.stages import Kind, Stage, StageContext
 
 QUESTION_RE = re.compile(r"<Q>(.*?)(?:</Q>|(?=<S>|<CORRECT>))", re.S)
 SOLUTION_RE = re.compile(r"<S>(.*?)(?:</S>|$)", re.S)
@@ -171,3 +172,22 @@ def generate_problems(
             continue
         kept.append({**base, **fields, "teacher": teacher, "generation_usage": usage})
     return kept, dropped
+
+
+def make_inputs(ctx: StageContext) -> list[Record]:
+    """Generation requests drawn from the taxonomy, or the source problems of distillation mode."""
+    g = ctx.cfg.data.generate
+    return load_source_problems(g) if g.source else build_requests(g, ctx.root, ctx.cfg.run.seed)
+
+
+def run(ctx: StageContext, requests: list[Record], offset: int) -> tuple[list[Record], list[Record]]:
+    if ctx.cfg.data.generate.source:  # distillation mode: the problems exist already
+        return requests, []
+    return generate_problems(ctx.teacher, requests, ctx.cfg.data.generate, teacher=ctx.cfg.teacher.model, seed_offset=offset)
+
+
+STAGE = Stage(
+    "generate", Kind.DATA, run, make_inputs=make_inputs, per_record=True, partitionable=True,
+    config=("run.seed", "teacher.model", "data.generate"), needs_teacher=lambda cfg: not cfg.data.generate.source,
+    hint="raise data.generate.num_problems or use a stronger teacher",
+)

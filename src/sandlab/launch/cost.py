@@ -14,11 +14,15 @@ import json
 from dataclasses import dataclass
 from pathlib import Path
 
-from sandlab.config import DATA_STAGES, RecipeConfig
+from sandlab.config import RecipeConfig
+from sandlab.stages import is_data_stage
 from sandlab.train.throughput import model_flops_per_token, peak_tflops
 
 # Items per benchmark, for evaluation token counts (eval.limit caps them).
 BENCHMARK_ITEMS = {"aime24": 30, "aime25": 30, "math500": 500, "gpqa_diamond": 198}
+
+# trl.SFTConfig's defaults for what the estimate reads (importing trl takes seconds; a test keeps these equal).
+SFT_DEFAULTS = {"max_length": 1024, "max_steps": -1, "num_train_epochs": 3.0}
 
 
 @dataclass
@@ -97,7 +101,7 @@ def estimate(cfg: RecipeConfig, run_dir: Path, stages: list[str]) -> tuple[list[
         lines.append(CostLine(job, tokens, flops, utilization, hours, f"{basis}; FLOPs from {source}"))
 
     d = cfg.data
-    if any(s in DATA_STAGES for s in stages) and not d.dataset_path:
+    if any(is_data_stage(s) for s in stages) and not d.dataset_path:
         t = cfg.teacher
         # Distillation (data.generate.source) takes existing problems: the teacher writes no problems.
         per_problem = 0 if d.generate.source else d.generate.sampling.max_tokens * max(d.generate.sampling.n, 1)
@@ -129,13 +133,14 @@ def estimate(cfg: RecipeConfig, run_dir: Path, stages: list[str]) -> tuple[list[
             examples = d.generate.num_problems * c.kept_fraction * (2 if "hike" in cfg.stages else 1)
             per_example = c.mean_train_tokens
             basis = f"~{examples:.0f} examples (num_problems x kept_fraction {c.kept_fraction})"
-        per_example = min(per_example, t.max_length)
-        if t.max_steps and t.max_steps > 0:
-            tokens = t.max_steps * t.global_batch_size * (t.max_length if t.packing else per_example)
-            basis = f"{t.max_steps} steps x batch {t.global_batch_size}"
+        max_length, max_steps, epochs = (t.trl.get(k, SFT_DEFAULTS[k]) for k in ("max_length", "max_steps", "num_train_epochs"))
+        per_example = min(per_example, max_length)
+        if max_steps and max_steps > 0:
+            tokens = max_steps * t.global_batch_size * (max_length if t.packing else per_example)
+            basis = f"{max_steps} steps x batch {t.global_batch_size}"
         else:
-            tokens = examples * per_example * t.num_train_epochs
-            basis += f" x {per_example:.0f} tokens x {t.num_train_epochs} epochs"
+            tokens = examples * per_example * epochs
+            basis += f" x {per_example:.0f} tokens x {epochs} epochs"
         add("train", tokens, flops_per_token(cfg.model.path, cfg.model.num_params_b, int(per_example), training=True), c.train_mfu, basis)
     if "grpo" in stages:
         r = cfg.rl

@@ -22,13 +22,14 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from sandlab.config import DATA_STAGES, JobResources, RecipeConfig, stage_kind
+from sandlab.config import JobResources, RecipeConfig
 from sandlab.errors import ConfigError, SandlabError
+from sandlab.launch.partitions import leading_partitionable
 from sandlab.runs import SECRET_KEY_RE, repo_root
+from sandlab.stages import Kind, get_stage, is_data_stage
 
 TEMPLATES = {"serve": "serve_vllm.sbatch.j2", "data": "data.sbatch.j2", "train": "train.sbatch.j2", "grpo": "train.sbatch.j2", "eval": "eval.sbatch.j2"}
 TRAIN_SCRIPTS = {"train": "train/sft.py", "grpo": "train/grpo.py"}
-TEACHER_STAGES = ("generate", "solve", "difficulty", "hike")
 
 
 @dataclass
@@ -48,7 +49,7 @@ class SlurmJob:
 def selected_stages(cfg: RecipeConfig) -> list[str]:
     stages = [s for s in cfg.stages if not cfg.run.only or s in cfg.run.only]
     if cfg.data.dataset_path:  # training on an existing dataset: the pipeline skips data stages too
-        stages = [s for s in stages if s not in DATA_STAGES]
+        stages = [s for s in stages if not is_data_stage(s)]
     return stages
 
 
@@ -56,10 +57,10 @@ def group_stages(stages: list[str]) -> list[tuple[str, list[str]]]:
     """Consecutive stages of one kind form one job; `report` goes with the job before it."""
     groups: list[tuple[str, list[str]]] = []
     for stage in stages:
-        kind = stage_kind(stage)
-        if stage == "report" and groups:
+        kind = get_stage(stage).job
+        if get_stage(stage).kind is Kind.REPORT and groups:
             groups[-1][1].append(stage)
-        elif groups and groups[-1][0] == kind and kind not in ("train", "grpo"):
+        elif groups and groups[-1][0] == kind and get_stage(stage).kind is not Kind.TRAIN:
             groups[-1][1].append(stage)
         else:
             groups.append((kind, [stage]))
@@ -112,7 +113,7 @@ def refuse_secret_overrides(overrides: list[str]) -> None:
 
 def check_submittable(cfg: RecipeConfig) -> None:
     """What would only fail once the job starts (after hours in the queue), checked at submission."""
-    from sandlab.launch.pipeline import require_training_data  # noqa: PLC0415
+    from sandlab.launch.preflight import require_training_data  # noqa: PLC0415
     from sandlab.models import looks_like_local_path  # noqa: PLC0415
 
     require_training_data(cfg, selected_stages(cfg), Path(cfg.run.dir))
@@ -207,7 +208,7 @@ class JobPlanner:
             raise ConfigError(f"nothing to submit: run.only={cfg.run.only} leaves none of the recipe's stages {cfg.stages}")
         jobs: list[SlurmJob] = []
         serve_index = None
-        needs_teacher = any(s in TEACHER_STAGES for kind, stages in groups if kind == "data" for s in stages)
+        needs_teacher = any(get_stage(s).needs_teacher(cfg) for kind, stages in groups if kind == "data" for s in stages)
         if cfg.launcher.serve.enabled and needs_teacher:
             jobs.append(self.serve_job())
             serve_index = 0
@@ -234,16 +235,12 @@ class JobPlanner:
         after = previous + ([("after", serve_index)] if serve_index is not None else [])  # starts once the servers' job has started
         # With served teachers the data jobs are HTTP clients, unless a stage runs a model of its own
         # (passrate: the student in vLLM), which keeps the data resources and their GPUs.
-        client_only = serve_index is not None and "passrate" not in stages
+        client_only = serve_index is not None and not any(get_stage(s).needs_gpu for s in stages)
         res = cfg.launcher.serve.client if client_only else cfg.launcher.data
         gpus = 0 if client_only else _gpus(res, cfg)
         data_res = dataclasses.replace(res, gpus_per_node=gpus)
         count = cfg.data.partition.count
-        leading = []
-        for stage in stages:
-            if stage not in ("generate", "solve", "filter", "difficulty"):
-                break
-            leading.append(stage)
+        leading = leading_partitionable(stages)
         if count > 1 and leading:
             name = f"{self.recipe_name}-data-array"
             script = self.render(TEMPLATES["data"], job_name=name, res=data_res, array=True, partitions=count, args=self._args(leading, extra),
@@ -256,7 +253,7 @@ class JobPlanner:
         return len(jobs) - 1
 
     def _train_job(self, kind: str, stages: list[str], previous: list[tuple[str, int]]) -> SlurmJob:
-        from sandlab.launch.pipeline import write_accelerate_config  # noqa: PLC0415
+        from sandlab.train.launcher import write_accelerate_config  # noqa: PLC0415
 
         cfg = self.cfg
         res = cfg.launcher.train

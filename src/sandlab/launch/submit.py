@@ -15,7 +15,6 @@ from sandlab.errors import SandlabError
 
 
 def main(argv: list[str] | None = None) -> None:
-    from sandlab.config import validate_recipe  # noqa: PLC0415
     from sandlab.launch.cli import compose_recipe  # noqa: PLC0415
     from sandlab.launch.cost import estimate, format_estimate  # noqa: PLC0415
     from sandlab.launch.slurm import (  # noqa: PLC0415
@@ -27,6 +26,7 @@ def main(argv: list[str] | None = None) -> None:
         submit_jobs,
         training_layout,
     )
+    from sandlab.stages import load_recipe  # noqa: PLC0415
 
     parser = argparse.ArgumentParser(prog="sandlab-submit", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--config-name", "-cn", required=True, help="the recipe (recipes/<name>.yaml)")
@@ -47,7 +47,7 @@ def main(argv: list[str] | None = None) -> None:
                 composed = compose_recipe(args.config_name, overrides)
         run_dir = Path(OmegaConf.select(composed, "run.dir")).absolute()
         composed.run.dir = str(run_dir)  # ${now:...} resolved once: every job shares this directory
-        cfg = validate_recipe(composed)
+        cfg = load_recipe(composed)
         check_submittable(cfg)
         planner = JobPlanner(cfg, args.config_name, overrides, run_dir)
         jobs = planner.plan()

@@ -1,7 +1,7 @@
 """Hyperparameter sweeps: Hydra multirun (on Slurm through the submitit launcher, one array job per
 sweep) and the summary table written when all points have finished.
 
-    sandlab --config-name <recipe> -m hydra/launcher=sandlab_slurm train.learning_rate=1e-5,2e-5
+    sandlab --config-name <recipe> -m hydra/launcher=sandlab_slurm train.trl.learning_rate=1e-5,2e-5
 
 Every point runs in ``<sweep dir>/<n>`` and is a W&B run in one group (``<recipe>-sweep-<sweep dir
 name>``). ``SweepSummary`` (a Hydra callback in recipes/base.yaml) then writes
@@ -23,8 +23,8 @@ import yaml
 from hydra.experimental.callback import Callback
 from omegaconf import DictConfig
 
-from sandlab.config import DATA_STAGES
 from sandlab.errors import SandlabError
+from sandlab.stages import data_stage_names
 
 log = logging.getLogger("sandlab")
 def swept_keys(task_overrides: list[str]) -> list[str]:
@@ -40,7 +40,7 @@ def _point_row(point: Path, keys: list[str]) -> dict[str, Any]:
     values = dict(o.split("=", 1) for o in overrides if "=" in o)
     cfg = yaml.safe_load((point / "config.yaml").read_text()) if (point / "config.yaml").exists() else {}
     only = (cfg.get("run") or {}).get("only")
-    skipped = DATA_STAGES if (cfg.get("data") or {}).get("dataset_path") else ()  # training on a given dataset
+    skipped = data_stage_names() if (cfg.get("data") or {}).get("dataset_path") else ()  # training on a given dataset
     expected = [s for s in (cfg.get("stages") or []) if (not only or s in only) and s not in skipped]
     done = [p.stem for p in (point / "stages").glob("*.done")] if (point / "stages").is_dir() else []
     missing = [s for s in expected if s not in done and s != "report"]

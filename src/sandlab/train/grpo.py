@@ -15,7 +15,7 @@ import shutil
 from pathlib import Path
 from typing import Any
 
-from sandlab.config import RLConfig, RLStage
+from sandlab.config import OverlongPolicy, RLConfig, RLStage
 from sandlab.errors import ConfigError, EmptyDatasetError
 from sandlab.records import read_jsonl
 
@@ -68,26 +68,41 @@ class GraderReward:
         self.pool.close()
 
 
+def grpo_arguments(cfg: RLConfig, stage: RLStage, *, output_dir: str, run_name: str, seed: int, report_to: list[str]) -> dict[str, Any]:
+    """The trl.GRPOConfig keyword arguments of one stage: rl.trl as given, plus what sandlab sets itself
+    (the run, the stage's length and learning rate, the batch of completions, the overlong policy,
+    model loading)."""
+    from sandlab.train.sft import model_init_kwargs  # noqa: PLC0415
+
+    kwargs: dict[str, Any] = {
+        **cfg.trl,
+        "output_dir": output_dir,
+        "run_name": run_name,
+        "seed": seed,
+        "report_to": report_to,
+        "learning_rate": stage.learning_rate,
+        "num_train_epochs": stage.num_train_epochs,
+        "max_steps": stage.max_steps,
+        "max_completion_length": stage.max_completion_length,
+        "num_generations": cfg.num_generations,
+        "per_device_train_batch_size": cfg.per_device_train_batch_size,
+        "gradient_accumulation_steps": cfg.gradient_accumulation_steps,
+        "mask_truncated_completions": cfg.overlong == OverlongPolicy.mask,
+        "model_init_kwargs": model_init_kwargs(cfg.attn_implementation, cfg.trl),
+    }
+    if cfg.overlong == OverlongPolicy.penalty:  # the grader's reward and the soft overlong punishment
+        kwargs["reward_weights"] = [1.0, 1.0]
+    return kwargs
+
+
 def build_grpo_config(cfg: RLConfig, stage: RLStage, *, output_dir: str, run_name: str, seed: int, report_to: list[str]):
     from trl import GRPOConfig  # noqa: PLC0415
 
     from sandlab.train.sft import trl_args  # noqa: PLC0415
+    from sandlab.train.validate import GRPO_RESERVED, check_trl_keys  # noqa: PLC0415
 
-    kwargs: dict[str, Any] = dict(
-        output_dir=output_dir, run_name=run_name, seed=seed, report_to=report_to,
-        learning_rate=stage.learning_rate, num_train_epochs=stage.num_train_epochs, max_steps=stage.max_steps,
-        max_completion_length=stage.max_completion_length,
-        num_generations=cfg.num_generations, per_device_train_batch_size=cfg.per_device_train_batch_size,
-        gradient_accumulation_steps=cfg.gradient_accumulation_steps, temperature=cfg.temperature, top_p=cfg.top_p,
-        beta=cfg.beta, epsilon=cfg.epsilon, epsilon_high=cfg.epsilon_high, loss_type=cfg.loss_type,
-        mask_truncated_completions=cfg.overlong == "mask",
-        use_vllm=cfg.use_vllm, vllm_mode=cfg.vllm_mode, bf16=cfg.bf16, gradient_checkpointing=cfg.gradient_checkpointing,
-        use_cpu=cfg.use_cpu, save_strategy=cfg.save_strategy, logging_steps=cfg.logging_steps,
-        model_init_kwargs={"attn_implementation": cfg.attn_implementation, "dtype": "bfloat16" if cfg.bf16 else "float32"},
-    )
-    if cfg.overlong == "penalty":
-        kwargs["reward_weights"] = [1.0, 1.0]
-    return trl_args(GRPOConfig, kwargs, cfg.extra_args)
+    check_trl_keys(cfg.trl, GRPOConfig, where="rl.trl", reserved=GRPO_RESERVED)
+    return trl_args(GRPOConfig, grpo_arguments(cfg, stage, output_dir=output_dir, run_name=run_name, seed=seed, report_to=report_to))
 
 
 def run_grpo(model_path: str, dataset_path: str, cfg: RLConfig, *, output_dir: str, run_name: str, seed: int, report_to: list[str],
@@ -109,7 +124,7 @@ def run_grpo(model_path: str, dataset_path: str, cfg: RLConfig, *, output_dir: s
             continue
         reward = GraderReward(grading_timeout_s)
         rewards: list[Any] = [reward]
-        if cfg.overlong == "penalty":
+        if cfg.overlong == OverlongPolicy.penalty:
             rewards.append(get_soft_overlong_punishment(stage.max_completion_length, min(cfg.overlong_buffer, stage.max_completion_length // 2)))
         args = build_grpo_config(cfg, stage, output_dir=str(stage_dir), run_name=f"{run_name}-stage{index}", seed=seed, report_to=report_to)
         tokenizer = AutoTokenizer.from_pretrained(current)

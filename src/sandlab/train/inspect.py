@@ -1,5 +1,5 @@
 """Look at training data the way the trainer sees it: rendered samples with the loss mask visible,
-token counts, and the share of samples cut at ``train.max_length``.
+token counts, and the share of samples cut at ``train.trl.max_length``.
 
     python train/inspect_data.py --config-name <recipe> [data.dataset_path=<jsonl>] [--samples 2]
 """
@@ -18,17 +18,20 @@ def inspect_dataset(model_path: str, dataset_path: str, cfg: TrainConfig, *, cha
     from rich.table import Table  # noqa: PLC0415
     from rich.text import Text  # noqa: PLC0415
     from tqdm.auto import tqdm  # noqa: PLC0415
+    from trl import SFTConfig  # noqa: PLC0415
 
     from sandlab.train.formatting import ChatFormat  # noqa: PLC0415
     from sandlab.train.sft import load_sft_dataset, load_tokenizer  # noqa: PLC0415
+    from sandlab.train.validate import trl_value  # noqa: PLC0415
 
     console = console or Console()
+    max_length = trl_value(cfg.trl, SFTConfig, "max_length")  # what the trainer cuts at
     tokenizer = load_tokenizer(model_path, chat_template_path)
     fmt = ChatFormat.from_tokenizer(tokenizer)
     dataset = load_sft_dataset(dataset_path, mix=mix, variants=variants)
     rows = []
     for i, ex in enumerate(tqdm(dataset, desc="tokenize", unit="sample", dynamic_ncols=True)):
-        tok = fmt.tokenize(ex["prompt"], ex["completion"], cfg.max_length)
+        tok = fmt.tokenize(ex["prompt"], ex["completion"], max_length)
         rows.append(tok)
         if i < samples:
             text = Text()
@@ -36,7 +39,7 @@ def inspect_dataset(model_path: str, dataset_path: str, cfg: TrainConfig, *, cha
                 piece = tokenizer.decode([token_id])
                 text.append(piece, style="bold green" if trained else "dim")
             if tok["truncated"]:
-                text.append(f"  [cut at max_length={cfg.max_length}; {tok['length'] - cfg.max_length} tokens dropped]", style="bold red")
+                text.append(f"  [cut at max_length={max_length}; {tok['length'] - max_length} tokens dropped]", style="bold red")
             console.rule(f"sample {i}: {tok['length']} tokens ({tok['prompt_tokens']} prompt, {tok['length'] - tok['prompt_tokens']} completion); "
                          "green = trained on, dim = masked")
             console.print(text)
@@ -46,7 +49,7 @@ def inspect_dataset(model_path: str, dataset_path: str, cfg: TrainConfig, *, cha
         "samples": len(rows),
         "turn_end_token": fmt.turn_end,
         "template_keeps_trace": fmt.template_keeps_trace,
-        "max_length": cfg.max_length,
+        "max_length": max_length,
         "truncated": sum(r["truncated"] for r in rows),
         "truncated_share": sum(r["truncated"] for r in rows) / len(rows),
         "tokens": sum(lengths),

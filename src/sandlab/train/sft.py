@@ -78,41 +78,46 @@ def render_dataset(dataset, fmt):
     return dataset.map(lambda ex: fmt.render(ex["prompt"], ex["completion"]), remove_columns=["prompt", "completion"], desc="render conversations")
 
 
+def model_init_kwargs(attn_implementation: str, trl: dict[str, Any]) -> dict[str, Any]:
+    """How TRL loads the model: the recipe's attention kernel, bf16 weights when training in bf16 (TRL's
+    rule: bf16 unless set, or fp16 is), then any trl.model_init_kwargs of the recipe."""
+    bf16 = trl.get("bf16")
+    if bf16 is None:
+        bf16 = not trl.get("fp16", False)
+    return {"attn_implementation": attn_implementation, "dtype": "bfloat16" if bf16 else "float32", **(trl.get("model_init_kwargs") or {})}
+
+
+def sft_arguments(cfg: TrainConfig, *, output_dir: str, run_name: str, seed: int, report_to: list[str], eos_token: str | None = None) -> dict[str, Any]:
+    """The trl.SFTConfig keyword arguments of a recipe: train.trl as given, plus what sandlab sets itself
+    (the run, the batch layout, packing, the completion-only loss, the turn-end eos, model loading)."""
+    return {
+        **cfg.trl,
+        "output_dir": output_dir,
+        "run_name": run_name,
+        "seed": seed,
+        "report_to": report_to,
+        "per_device_train_batch_size": cfg.per_device_train_batch_size,
+        "gradient_accumulation_steps": cfg.gradient_accumulation_steps,
+        "packing": cfg.packing,
+        "completion_only_loss": True,
+        "eos_token": eos_token,
+        "model_init_kwargs": model_init_kwargs(cfg.attn_implementation, cfg.trl),
+    }
+
+
 def build_sft_config(cfg: TrainConfig, *, output_dir: str, run_name: str, seed: int, report_to: list[str], eos_token: str | None = None):
     from trl import SFTConfig  # noqa: PLC0415
 
-    kwargs: dict[str, Any] = dict(
-        output_dir=output_dir,
-        run_name=run_name,
-        seed=seed,
-        learning_rate=cfg.learning_rate,
-        lr_scheduler_type=cfg.lr_scheduler_type,
-        warmup_steps=cfg.warmup_ratio,  # transformers 5: a float below 1 is a ratio of total steps
-        num_train_epochs=cfg.num_train_epochs,
-        max_steps=cfg.max_steps,
-        per_device_train_batch_size=cfg.per_device_train_batch_size,
-        gradient_accumulation_steps=cfg.gradient_accumulation_steps,
-        max_length=cfg.max_length,
-        packing=cfg.packing,
-        bf16=cfg.bf16,
-        gradient_checkpointing=cfg.gradient_checkpointing,
-        use_liger_kernel=cfg.use_liger_kernel,
-        save_strategy=cfg.save_strategy,
-        logging_steps=cfg.logging_steps,
-        use_cpu=cfg.use_cpu,
-        completion_only_loss=True,
-        eos_token=eos_token,
-        report_to=report_to,
-        model_init_kwargs={"attn_implementation": cfg.attn_implementation, "dtype": "bfloat16" if cfg.bf16 else "float32"},
-    )
-    return trl_args(SFTConfig, kwargs, cfg.extra_args)
+    from sandlab.train.validate import SFT_RESERVED, check_trl_keys  # noqa: PLC0415
+
+    check_trl_keys(cfg.trl, SFTConfig, where="train.trl", reserved=SFT_RESERVED)
+    return trl_args(SFTConfig, sft_arguments(cfg, output_dir=output_dir, run_name=run_name, seed=seed, report_to=report_to, eos_token=eos_token))
 
 
-def trl_args(config_cls: type, kwargs: dict[str, Any], extra_args: dict[str, Any]):
-    """A TRL config from recipe settings plus the recipe's pass-through ``extra_args``; a bad field or
-    value is one line, not a traceback."""
+def trl_args(config_cls: type, kwargs: dict[str, Any]):
+    """A TRL config from its keyword arguments; a bad field or value is one line, not a traceback."""
     try:
-        return config_cls(**{**kwargs, **extra_args})
+        return config_cls(**kwargs)
     except (TypeError, ValueError) as exc:
         raise ConfigError(f"invalid training settings for trl.{config_cls.__name__}: {str(exc).splitlines()[0]}") from None
 

@@ -1,0 +1,28 @@
+"""The filter stage: keep problems whose independent solutions agree (``majority``), whose solution
+matches the reference answer (``reference``), or the first complete response (``single``, open-ended
+tasks). The agreement logic itself is in ``sandlab.data_gen.agreement``."""
+
+from __future__ import annotations
+
+from sandlab.data_gen.agreement import filter_by_agreement, filter_by_reference, keep_first_complete
+from sandlab.records import Record
+from sandlab.stages import Kind, Stage, StageContext, require_fields
+
+
+def run(ctx: StageContext, records: list[Record], offset: int) -> tuple[list[Record], list[Record]]:
+    agreement = ctx.cfg.data.agreement
+    if agreement.mode == "single":
+        return keep_first_complete(records)
+    if agreement.mode == "reference":
+        require_fields(records, "filter", ["reference_answer"], "data.agreement.mode=reference needs problems with reference answers")
+        return filter_by_reference(records, agreement, ctx.pool)
+    judge = ctx.teacher if agreement.llm_judge else None
+    return filter_by_agreement(records, agreement, ctx.pool, include_reference=ctx.cfg.data.solve.include_reference, judge=judge, root=ctx.root)
+
+
+STAGE = Stage(
+    "filter", Kind.DATA, run, per_record=True, partitionable=True, config=("data.agreement", "data.solve.include_reference"),
+    needs_teacher=lambda cfg: cfg.data.agreement.llm_judge and cfg.data.agreement.mode == "majority",
+    input_fields=("id", "problem", "solutions"), input_hint="run stage=solve on them first",
+    hint="raise data.generate.num_problems or lower data.agreement.min_agreement",
+)

@@ -1,0 +1,50 @@
+"""The eval stage: every model of ``eval.models`` on every benchmark of ``eval.benchmarks`` through the
+project's harness; results land in eval/results.json, samples and metrics per model and benchmark."""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any
+
+from sandlab.errors import EmptyDatasetError
+from sandlab.records import write_json
+from sandlab.stages import Kind, Stage, StageContext
+
+
+def model_for(ctx: StageContext, target: str) -> str:
+    """``base``, ``tuned`` and ``grpo`` name this run's models; anything else is a path or Hub id."""
+    return {"base": ctx.cfg.model.path, "tuned": str(ctx.tuned_dir()), "grpo": str(ctx.grpo_final())}.get(target, target)
+
+
+def run(ctx: StageContext) -> dict[str, Any]:
+    from sandlab.eval.harness import evaluate_benchmark  # noqa: PLC0415
+    from sandlab.inference import build_backend  # noqa: PLC0415
+
+    ctx.close()
+    cfg = ctx.cfg
+    results = {}
+    for name, target in ctx.eval_models():
+        # The base model is rendered with the recipe's template; a tuned checkpoint carries its own.
+        template = ctx.path(cfg.model.chat_template) if target == "base" else None
+        backend_cfg = dataclasses.replace(cfg.eval.backend, model=model_for(ctx, target), chat_template=template or cfg.eval.backend.chat_template)
+        out = ctx.run.sub("eval", name.replace("/", "__"))
+        with build_backend(backend_cfg) as backend:
+            results[name] = {b: evaluate_benchmark(backend, ctx.pool, b, cfg.eval, out / b) for b in cfg.eval.benchmarks}
+    write_json(ctx.run.path / "eval" / "results.json", results)
+    return {"models": list(results)}
+
+
+def preflight(ctx: StageContext) -> None:
+    from sandlab.benchmarks import load_benchmark  # noqa: PLC0415
+    from sandlab.models import resolve_model_path  # noqa: PLC0415
+
+    targets = [target for _, target in ctx.eval_models()]
+    if "base" in targets:
+        resolve_model_path(ctx.cfg.model.path, what="model.path")
+    for name in ctx.cfg.eval.benchmarks:
+        load_benchmark(name, limit=1)
+    if "tuned" in targets and "train" not in ctx.selected and not ctx.tuned_dir().exists():
+        raise EmptyDatasetError(f"eval.models has 'tuned' but {ctx.tuned_dir()} does not exist; train first or set run.dir to a trained run")
+
+
+STAGE = Stage("eval", Kind.EVAL, run, preflight=preflight, needs_student=True, needs_gpu=True, reads_export_only=True, config=("eval",))
