@@ -122,3 +122,22 @@ def test_standalone_stage_on_a_users_file(tmp_path, copies):
     result = run_stage("stage=dedup", f"input={bad}", f"output={tmp_path / 'o2'}", f"run.dir={tmp_path / 'run2'}")
     assert result.returncode == 2
     assert result.stderr.strip().splitlines()[-1] == "error: stage dedup: record 1 (id=None) lacks ['id']; every record needs a stable id and a problem"
+
+
+@pytest.mark.slow
+def test_decontamination_report_for_a_public_dataset_format(tmp_path):
+    """An ingested dataset in its own schema (OpenR1-Math rows): each benchmark match is listed with its test item."""
+    m500 = load_benchmark("math500")
+    rows = [{"problem": m500[7]["problem"], "solution": "s", "answer": m500[7]["answer"], "uuid": "leaked", "source": "olympiads",
+             "generations": ["<think>\nwork\n</think>\n\n\\boxed{x}"], "correctness_math_verify": [True]},
+            {"problem": UNRELATED[0], "solution": "s", "answer": "1", "uuid": "fresh", "source": "olympiads",
+             "generations": ["<think>\nwork\n</think>\n\n\\boxed{1}"], "correctness_math_verify": [True]}]
+    data = tmp_path / "openr1.jsonl"
+    data.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    out = tmp_path / "out"
+    result = run_stage("stage=decontam", f"input={data}", "data.format=openr1_math", f"output={out}", f"run.dir={tmp_path / 'run'}")
+    assert result.returncode == 0, result.stderr[-2000:]
+    dropped = [json.loads(x) for x in (out / "dropped.jsonl").read_text().splitlines()]
+    report = json.loads((out / "decontamination_report.json").read_text())
+    assert [d["id"].split("-g")[0] for d in dropped] == ["leaked"] and report["contaminated"] == 1
+    assert m500[7]["id"] in json.dumps(report)  # the matched test item is named

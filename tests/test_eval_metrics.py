@@ -1,6 +1,7 @@
 """Evaluation metrics against hand-computed values, and the protocols' multiple-choice option order."""
 
 import collections
+from pathlib import Path
 
 import pytest
 
@@ -77,3 +78,69 @@ def test_paper_table_puts_published_numbers_beside_measured_ones(tmp_path):
     measured["my-model"]["aime24"]["protocol"] = "standard"
     with pytest.raises(Exception, match="several protocols"):
         write_table("table1", measured, tmp_path)
+
+
+# -- answer rules (issue 13 item 6) ----------------------------------------------------------
+
+# Two samples per item. Under multi a response's distinct boxes are one set; under last_box only the
+# last box is read. Expected verdicts worked out by hand, per sample: (multi, last_box).
+ANSWER_RULE_ITEMS = [
+    ("(1, 2), (2, 1)", [r"$\boxed{(2, 1)}, \boxed{(1, 2)}$", r"$\boxed{(1, 2)}$ and $\boxed{(2, 1)}$"], [(True, False), (True, False)]),
+    ("6, 8", [r"$\boxed{7} \text{ and } \boxed{8}$", r"$\boxed{6} \text{ and } \boxed{8}$"], [(False, False), (True, False)]),
+    ("8", [r"$\boxed{7}, \boxed{8}$", r"$\boxed{8}$"], [(False, True), (True, True)]),
+    ("5", [r"$\boxed{5}$", r"$\boxed{5}$"], [(True, True), (True, True)]),
+]
+
+
+class _Scripted:
+    def generate(self, conversations, sampling, *, desc=""):
+        from sandlab.inference.base import Completion
+
+        by_problem = {f"Problem {i}?": texts for i, (_, texts, _) in enumerate(ANSWER_RULE_ITEMS)}
+        assert sampling.n == 2
+        return [[Completion(t, completion_tokens=10) for t in by_problem[conv[-1]["content"]]] for conv in conversations]
+
+
+@pytest.fixture(scope="module")
+def grading_pool():
+    from sandlab.grading import GradingPool
+
+    with GradingPool(num_workers=1) as pool:
+        yield pool
+
+
+def protocol_answer_rule(protocol: str) -> str:
+    import yaml
+
+    path = Path(__file__).resolve().parents[1] / "recipes" / "eval" / f"{protocol}.yaml"
+    return yaml.safe_load(path.read_text())["answer_rule"]
+
+
+def test_the_protocols_answer_rules():
+    assert protocol_answer_rule("paper") == "last_box"  # AMD's grader, so the paper table stays faithful
+    assert protocol_answer_rule("standard") == "multi"
+
+
+@pytest.mark.parametrize("protocol, pass1", [("paper", 50.0), ("standard", 75.0)])
+def test_harness_grades_by_the_protocols_answer_rule_and_records_it(tmp_path, monkeypatch, grading_pool, protocol, pass1):
+    import json
+
+    from sandlab.config import EvalConfig, SamplingSettings
+    from sandlab.eval import harness
+
+    items = [{"id": f"m{i}", "kind": "math", "problem": f"Problem {i}?", "answer": gold} for i, (gold, _, _) in enumerate(ANSWER_RULE_ITEMS)]
+    monkeypatch.setattr(harness, "load_benchmark", lambda name, limit=None: items)
+    rule = protocol_answer_rule(protocol)
+    cfg = EvalConfig(protocol=protocol, answer_rule=rule, benchmarks=["toy"], sampling={"default": SamplingSettings(n=2)})
+    metrics = harness.evaluate_benchmark(_Scripted(), grading_pool, "toy", cfg, tmp_path)
+    column = 0 if rule == "multi" else 1
+    samples = [json.loads(line) for line in (tmp_path / "samples.jsonl").read_text().splitlines()]
+    assert [s["correct"] for s in samples] == [v[column] for _, _, verdicts in ANSWER_RULE_ITEMS for v in verdicts]
+    assert metrics["pass@1"] == pytest.approx(pass1)
+    assert json.loads((tmp_path / "metrics.json").read_text())["answer_rule"] == rule == metrics["answer_rule"]
+    assert metrics["protocol"] == protocol
+    if rule == "multi":  # the same set in another order is one vote
+        assert samples[0]["pred"] == samples[1]["pred"] == r"\{(1, 2), (2, 1)\}"
+        assert metrics["maj@2"] == pytest.approx(50.0)  # m1 right, m2 tie -> the earlier (wrong) one, m3 tie -> wrong, m4 right
+    else:
+        assert [s["pred"] for s in samples[:2]] == ["(1, 2)", "(2, 1)"]

@@ -51,7 +51,8 @@ def test_every_request_carries_the_protocols_sampling(tmp_path, protocol):
             conv = render_prompt(item, cfg["system_prompt"], cfg["option_order"], cfg["option_seed"])
             bench_of[conv[-1]["content"]] = (bench, i)
     requests = []
-    stub = ChatStub(lambda body: requests.append(body) or ["The final answer is \\boxed{1}."] * body.get("n", 1))
+    # Two boxes: the paper protocol reads the last one (AMD's grader), the standard one their set.
+    stub = ChatStub(lambda body: requests.append(body) or ["The final answer is \\boxed{2}, \\boxed{1}."] * body.get("n", 1))
     try:
         # Recipe demo: it sets no eval sampling of its own (tiny does), so the protocol's reaches the harness as written.
         result = subprocess.run([sys.executable, "eval/run.py", "--config-name", "demo", f"eval={protocol}", "eval.backend.backend=openai",
@@ -75,7 +76,10 @@ def test_every_request_carries_the_protocols_sampling(tmp_path, protocol):
     for bench in cfg["benchmarks"]:
         samples = [json.loads(x) for x in (tmp_path / f"eval/stub/{bench}/samples.jsonl").read_text().splitlines()]
         assert len(samples) == limit * stated_sampling(protocol, bench)["n"], bench
-        assert json.loads((tmp_path / f"eval/stub/{bench}/metrics.json").read_text())["protocol"] == protocol
+        metrics = json.loads((tmp_path / f"eval/stub/{bench}/metrics.json").read_text())
+        assert (metrics["protocol"], metrics["answer_rule"]) == (protocol, {"paper": "last_box", "standard": "multi"}[protocol])
+        if bench != "gpqa_diamond":  # math: what was read from the two boxes
+            assert {s["pred"] for s in samples} == {"1" if protocol == "paper" else r"\{1, 2\}"}, bench
 
 
 @pytest.fixture(scope="module")

@@ -516,3 +516,158 @@ def test_cluster_answers_matches_brute_force_reference(pool, tricky_equal):
     counting = _CountingPool(pool)
     assert cluster_answers_many(orders, counting) == [_greedy_reference(a, tricky_equal) for a in orders]
     assert counting.calls == max(_rounds(_greedy_reference(a, tricky_equal)) for a in orders)
+
+
+# -- answer rules: several boxed answers (issue 13 item 6) -----------------------------------
+
+# The single-answer cases of test_extract_math_answer: the multi rule must read them exactly alike.
+SINGLE_ANSWER_RESPONSES = [
+    (r"<think>maybe \boxed{3}</think>The final answer is $4$.", "4"),
+    (r"<think>maybe \boxed{3}</think>So the answer is \boxed{4}", "4"),
+    (r"maybe \boxed{3}</think>Final answer: 4", "4"),
+    (r"<think>maybe \boxed{3}</think>I am not sure.", None),
+    ("<answer>1</answer> later <answer>2</answer>", "2"),
+    ("Final Answer: The final answer is $\\frac{3}{4}$. I hope it is correct.", r"\frac{3}{4}"),
+    ("**Final Answer:** $7$", "7"),
+    (r"<answer>1</answer> and \boxed{2}", "2"),
+    (r"so $\boxed 5$.", "5"),
+    (r"\boxed{\left( 3, \frac{\pi}{2} \right)}", r"\left( 3, \frac{\pi}{2} \right)"),
+    (r"\boxed{2} and a truncated \boxed{3", "2"),
+    ("I have no idea.", None),
+]
+
+
+@pytest.mark.parametrize("response, expected", SINGLE_ANSWER_RESPONSES)
+def test_one_answer_reads_the_same_under_both_rules(response, expected):
+    assert extract_math_answer(response, "last_box") == expected
+    assert extract_math_answer(response, "multi") == expected
+
+
+@pytest.mark.parametrize(
+    "response, last_box, multi",
+    [
+        (r"The pairs are $\boxed{(1, 2)}, \boxed{(2, 1)}$.", "(2, 1)", r"\{(1, 2), (2, 1)\}"),
+        (r"$x = \boxed{6} \text{ and } \boxed{8}$", "8", r"\{6, 8\}"),
+        (r"so $\boxed{8}$ or $\boxed{6}$", "6", r"\{6, 8\}"),  # the set is written in a fixed order
+        (r"\boxed{5}, that is, \boxed{ 5 }.", "5", "5"),  # the same answer twice is one answer
+        (r"\boxed{\boxed{5}}", "5", "5"),  # a box in a box is one box
+        (r"<think>\boxed{1}, \boxed{2}</think>So \boxed{3}", "3", "3"),  # boxes in the reasoning do not count
+        (r"\boxed{10,455} and \boxed{2{,}000}", "2{,}000", r"\{10455, 2000\}"),  # no stray commas in the set
+        (r"\boxed{10,455}, or \boxed{10455}", "10455", "10455"),
+        ("Final Answer: The final answer is $6$ and $8$. I hope it is correct.", "6 and 8", r"\{6, 8\}"),
+        ("Final Answer: The final answer is $10,455$. I hope it is correct.", "10,455", "10,455"),
+    ],
+)
+def test_several_boxes_by_rule(response, last_box, multi):
+    assert extract_math_answer(response, "last_box") == last_box
+    assert extract_math_answer(response) == last_box  # the extraction function's default is unchanged
+    assert extract_math_answer(response, "multi") == multi
+
+
+MULTI_CASES = [
+    # (response, gold, correct under multi, correct under last_box)
+    (r"$\boxed{(2, 1)}, \boxed{(1, 2)}$", "(1, 2), (2, 1)", True, False),  # the right set in another order
+    (r"$\boxed{(1, 2)}$ and $\boxed{(2, 1)}$", "(2,1), (1,2)", True, False),
+    (r"$\boxed{8} \text{ and } \boxed{6}$", "6, 8", True, False),
+    (r"$\boxed{6} \text{ and } \boxed{8}$", r"\{8, 6\}", True, False),  # last_box: "8" against a set
+    (r"$\boxed{-2}$, $\boxed{2}$", r"\pm 2", True, False),
+    (r"$\boxed{1,000}$ and $\boxed{2,000}$", "1000, 2000", True, False),
+    # A different set that ends in the same box is wrong (last_box would call it right).
+    (r"$\boxed{(1, 3)}, \boxed{(2, 1)}$", "(1, 2), (2, 1)", False, False),
+    (r"$\boxed{7} \text{ and } \boxed{8}$", "6, 8", False, False),
+    (r"$\boxed{7} \text{ and } \boxed{8}$", "8", False, True),
+    (r"$\boxed{6}, \boxed{8}, \boxed{10}$", "6, 8", False, False),  # a superset
+    (r"$\boxed{10}, \boxed{455}$", "10,455", False, False),
+    # One box: the rules agree, thousands separators on either side.
+    (r"\boxed{10455}", "10,455", True, True),
+    (r"\boxed{10,455}", "10455", True, True),
+    (r"\boxed{10{,}455}", "10455", True, True),
+    ("Final Answer: The final answer is $10,455$. I hope it is correct.", "10455", True, True),
+    (r"\boxed{8}", "6, 8", False, False),
+    (r"\boxed{6, 8}", "8, 6", True, True),
+]
+
+
+@pytest.mark.parametrize("response, gold, multi, last_box", MULTI_CASES)
+def test_several_answers_grade_as_a_set(pool, response, gold, multi, last_box):
+    got_multi, got_last = pool.grade_many([GradeItem(response, gold, rule="multi"), GradeItem(response, gold, rule="last_box")])
+    assert (got_multi.correct, got_last.correct) == (multi, last_box)
+
+
+def test_grade_items_default_to_the_multi_rule(pool):
+    item = GradeItem(r"$\boxed{(1, 3)}, \boxed{(2, 1)}$", "(2, 1)")
+    assert item.rule == "multi"
+    assert pool.grade_many([item])[0] == GradeResult(r"\{(1, 3), (2, 1)\}", False, "math_verify")
+    assert grade(r"\boxed{5}, \boxed{5}", "5") == GradeResult("5", True, "string_match")
+    assert grade(r"\boxed{4}, \boxed{5}", "5", rule="last_box") == GradeResult("5", True, "string_match")
+
+
+def test_cli_answer_rule(monkeypatch, capsys):
+    import io
+
+    from sandlab.grading import cli
+
+    lines = json.dumps({"response": r"\boxed{7} and \boxed{8}", "gold": "8"}) + "\n"
+    out = {}
+    for rule in ("multi", "last_box"):
+        monkeypatch.setattr(sys, "stdin", io.StringIO(lines))
+        assert cli.main(["--answer-rule", rule, "--workers", "1"]) == 0
+        out[rule] = json.loads(capsys.readouterr().out)
+    assert (out["multi"]["pred"], out["multi"]["correct"]) == (r"\{7, 8\}", False)
+    assert (out["last_box"]["pred"], out["last_box"]["correct"]) == ("8", True)
+
+
+class _ScriptedTeacher:
+    """Answers each solve prompt with the scripted solutions of the problem it contains."""
+
+    def __init__(self, script: dict[str, list[str]]):
+        self.script = script
+
+    def generate(self, conversations, sampling, *, desc=""):
+        from sandlab.inference.base import Completion
+
+        rows = []
+        for conv in conversations:
+            (texts,) = [t for problem, t in self.script.items() if problem in conv[-1]["content"]]
+            rows.append([Completion(t, completion_tokens=5) for t in texts])
+        return rows
+
+
+def test_data_generation_votes_and_checks_references_with_answer_sets(pool):
+    from sandlab.config import AgreementStage, SolveStage
+    from sandlab.data_gen.agreement import filter_by_agreement, filter_by_reference
+    from sandlab.data_gen.solve import solve_problems
+
+    script = {
+        # Two solutions give the set {1, 3} (in either order), one gives {2, 3}: the same last box.
+        "Problem one?": [r"So $\boxed{1}, \boxed{3}$.", r"So $\boxed{2}, \boxed{3}$.", r"Both $\boxed{3}$ and $\boxed{1}$."],
+        # Different sets that end in the same box must not agree.
+        "Problem two?": [r"So $\boxed{1}, \boxed{3}$.", r"So $\boxed{2}, \boxed{3}$."],
+    }
+    problems = [{"id": "p1", "problem": "Problem one?"}, {"id": "p2", "problem": "Problem two?"}]
+    solved = solve_problems(_ScriptedTeacher(script), problems, SolveStage(k=3), SRC.parent)
+    assert [s["answer"] for s in solved[0]["solutions"]] == [r"\{1, 3\}", r"\{2, 3\}", r"\{1, 3\}"]
+
+    cfg = AgreementStage(min_votes=2, min_agreement=0.6, require_numeric=False)
+    kept, dropped = filter_by_agreement(solved, cfg, pool, include_reference=False)
+    assert [(r["id"], r["answer"], r["votes"]) for r in kept] == [("p1", r"\{1, 3\}", 2)]
+    assert [(r["id"], r["reason"]) for r in dropped] == [("p2", "disagreement")]
+
+    with_reference = [{**rec, "reference_answer": "3, 1"} for rec in solved]
+    kept, dropped = filter_by_reference(with_reference, AgreementStage(mode="reference", min_votes=2), pool)
+    assert [(r["id"], r["verified"]) for r in kept] == [("p1", 2)]
+    assert [(r["id"], r["verified"]) for r in dropped] == [("p2", 1)]
+
+
+def test_one_pass_brace_index_reads_every_box_like_the_scan():
+    import random
+
+    from sandlab.grading.extract import _BOX_TOKEN, _boxed_span, _brace_pairs
+
+    rng = random.Random(0)
+    pieces = ["\\boxed{", "\\boxed ", "\\fbox{", "{", "}", "\\{", "\\}", "\\\\", "a", "1", " ", "$"]
+    for _ in range(2000):
+        text = "".join(rng.choice(pieces) for _ in range(rng.randint(1, 30)))
+        pairs = _brace_pairs(text)
+        for match in _BOX_TOKEN.finditer(text):
+            assert _boxed_span(text, match, pairs) == _boxed_span(text, match), text

@@ -86,8 +86,9 @@ def test_lm_eval_resolves_every_task_to_its_protocols_settings(protocol):
         want = expected_settings(protocol, bench)
         assert {k: resolved.get(k) for k in want} == want, bench
         assert resolved["output_type"] == "generate_until" and resolved["metadata"]["protocol"] == protocol
-        for field in ("doc_to_text", "doc_to_target", "process_results"):
+        for field in ("doc_to_text", "doc_to_target"):
             assert resolved[field].endswith(f"utils.{field}{suffix}"), (bench, field)
+        assert resolved["process_results"].endswith(f"utils.process_results{suffix}_{cfg['answer_rule']}"), bench  # the protocol's answer rule
         assert resolved["filter_list"][0]["filter"][0]["filter_fn"].endswith("utils.keep_all_repeats")
 
 
@@ -185,3 +186,16 @@ def test_lm_eval_tasks_and_own_harness_give_the_same_grades(tmp_path):
     outcomes = [g for grades in ours.values() for g in grades]
     assert any(outcomes) and not all(outcomes)  # a mix of right and wrong, so agreement means something
     assert any(row["pass@1"] != row["first_sample"] for row in theirs.values())  # the mean covers every repeat
+
+
+def test_lm_eval_scorers_follow_the_answer_rule():
+    """The paper tasks read the last box (AMD's rule); the standard ones read several boxes as a set."""
+    spec = importlib.util.spec_from_file_location("sand_lm_eval_utils", TASKS / "utils.py")
+    utils = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(utils)
+
+    doc = {"kind": "math", "answer": "8", "id": "x", "problem": "p"}
+    two_boxes = ["The answers are \\boxed{6} and \\boxed{8}."]
+    assert utils.process_results_correct_first_last_box(doc, [two_boxes])["pass@1"] == 1.0
+    assert utils.process_results_shuffled_multi(doc, [two_boxes])["pass@1"] == 0.0
+    assert utils.process_results_shuffled_multi({**doc, "answer": "6, 8"}, [two_boxes])["pass@1"] == 1.0

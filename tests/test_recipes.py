@@ -18,6 +18,9 @@ TOP_LEVEL = sorted(p.stem for p in RECIPES.glob("*.yaml") if p.stem != "base")
 # SFTConfig/GRPOConfig keyword arguments per recipe, recorded from the code before issue 12 (typed
 # TRL fields copied one by one), not computed by the code under test.
 TRL_ARGUMENTS = json.loads((Path(__file__).parent / "fixtures/trl_arguments.json").read_text())["cases"]
+# Recipes added after the fixture was recorded -> the recorded recipe whose training settings they keep.
+ADDED_SINCE_FIXTURE = {"sand_math_qwen2.5_32b_released": "sand_math_qwen2.5_32b",
+                       "sand_mathscience_r1_distill_qwen_32b_released": "sand_mathscience_r1_distill_qwen_32b"}
 
 
 def compose_recipe(name: str, overrides: list[str] | None = None):
@@ -145,6 +148,7 @@ def test_choices_compare_and_serialise_as_plain_strings():
         (["run.only=[hike]"], "run.only=['hike'] names stages this recipe does not have"),
         (["cluster.setup=['export WANDB_API_KEY=abc']"], "cluster sets WANDB_API_KEY, which looks like a secret"),
         (["launcher.cost.train_mfu=0"], "launcher.cost"),
+        (["data.mix=[{path: /tmp/x.jsonl, cnt: 1}]"], "data.mix entry '/tmp/x.jsonl' has unknown keys ['cnt']"),
     ],
 )
 def test_bad_values_give_one_line_errors(overrides, message):
@@ -207,10 +211,20 @@ def recipe_trl_arguments(case: str) -> dict:
 
 def test_the_fixture_covers_every_recipe_and_training_group():
     cases = set(TRL_ARGUMENTS)
-    assert set(TOP_LEVEL) <= cases
+    assert set(TOP_LEVEL) - set(ADDED_SINCE_FIXTURE) <= cases
     assert {f"demo train={p.stem}" for p in (RECIPES / "train").glob("*.yaml")} <= cases
     assert {f"tiny +rl={p.stem}" for p in (RECIPES / "rl").glob("*.yaml")} <= cases
     assert "grpo" in TRL_ARGUMENTS["grpo_sand_math_qwen2.5_32b"]
+
+
+@pytest.mark.parametrize("added, recorded", sorted(ADDED_SINCE_FIXTURE.items()))
+def test_released_data_recipes_keep_the_paper_trl_arguments(added, recorded):
+    """Tables 1-2 from AMD's released data train exactly as the paper recipes do (only the run name differs)."""
+    from sandlab.train.sft import sft_arguments
+
+    r = load_recipe(compose_recipe(added, ["run.dir=runs/x"]))
+    got = sft_arguments(r.train, output_dir="OUT/checkpoints/final", run_name=f"{recorded}-sft", seed=r.run.seed, report_to=["wandb"], eos_token="<EOS>")
+    assert json.dumps({"__class__": "SFTConfig", **got}, sort_keys=True) == json.dumps(TRL_ARGUMENTS[recorded]["sft"], sort_keys=True)
 
 
 @pytest.mark.parametrize("case", sorted(TRL_ARGUMENTS))

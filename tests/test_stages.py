@@ -71,7 +71,7 @@ def run(ctx, records, offset):
 
 
 STAGE = Stage("even_length", Kind.DATA, run, per_record=True, partitionable=True, config=("data.shard_size",),
-              input_fields=("id", "problem"), hint="write problems of even length")
+              input_fields=("id", "problem", "reference_answer"), hint="write problems of even length")
 '''
 
 
@@ -90,7 +90,7 @@ def added_stage(tmp_path, monkeypatch):
 
 
 def source_problems(path: Path, n: int) -> Path:
-    write_jsonl(path, [{"id": f"p{i}", "problem": "x" * (i + 1), "answer": str(i)} for i in range(n)])
+    write_jsonl(path, [{"id": f"p{i}", "problem": "x" * (i + 1), "answer": str(i), "reference_answer": str(i)} for i in range(n)])
     return path
 
 
@@ -137,6 +137,6 @@ def test_an_added_stage_that_keeps_nothing_stops_with_its_hint(tmp_path, added_s
         Pipeline(cfg, run_dir).run_stages()
     assert not (run_dir / "stages" / "even_length.done").exists()
     bad = tmp_path / "bad.jsonl"
-    write_jsonl(bad, [{"id": "p0"}])
-    with pytest.raises(ConfigError, match=r"stage even_length: record 1 \(id='p0'\) lacks \['problem'\]"):
+    write_jsonl(bad, [{"id": "p0", "problem": "x"}])
+    with pytest.raises(ConfigError, match=r"stage even_length: record 1 \(id='p0'\) lacks \['reference_answer'\]"):
         Pipeline(compose_recipe("tiny", [f"run.dir={tmp_path / 'r2'}"]), tmp_path / "r2").run_single_stage("even_length", str(bad), str(tmp_path / "o"))

@@ -179,3 +179,20 @@ def test_endpoints_file_is_waited_for(tmp_path):
         writer.join()
     with pytest.raises(BackendUnavailableError, match=r"2 of 3 teacher endpoint\(s\) in .* after 0 s"):
         wait_for_endpoints(path, count=3, wait_s=0.3, poll_s=0.1)
+
+
+@pytest.mark.parametrize("recipe, configs", [("sand_math_qwen2.5_32b_released", ["math"]),
+                                             ("sand_mathscience_r1_distill_qwen_32b_released", ["math", "science", "math_dh"])])
+def test_released_data_recipes_submit_train_and_eval_only(tmp_path, recipe, configs):
+    """Tables 1-2 from AMD's released data: no data or teacher jobs; the job reads the Hub dataset's configs."""
+    result = submit("--config-name", recipe, "--dry-run", "cluster=example_h100", f"run.dir={tmp_path / 'run'}")
+    assert result.returncode == 0, result.stderr[-3000:]
+    jobs = split_scripts(result.stdout)
+    assert sorted(jobs) == sorted([f"{recipe}-train", f"{recipe}-eval"])
+    from sandlab.launch.cli import compose_recipe
+    from sandlab.stages import load_recipe
+
+    data = load_recipe(compose_recipe(recipe, [f"run.dir={tmp_path / 'run'}"])).data
+    assert (data.dataset_path, str(data.format)) == ("amd/SAND-Post-Training-Dataset", "sand_post_training")
+    assert [data.config, *(e["config"] for e in data.mix)] == configs
+    assert re.search(r"^train .*examples \(launcher\.cost\.train_examples\)", result.stdout, re.MULTILINE)

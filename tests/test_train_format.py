@@ -178,6 +178,48 @@ def test_pre_launch_validation_fails_fast_with_one_line(tiny_model_path, tmp_pat
         cfg = TrainConfig(**{**vars(ok), **change})
         with pytest.raises(ConfigError, match=message):
             validate_training(str(tiny_model_path), cfg, accelerate_config=ROOT / cfg.accelerate_config)
-    with pytest.raises(ConfigError, match="lacks columns"):
+    with pytest.raises(ConfigError, match=r"unknown dataset format \(fields seen: \['messages'\]\); known formats: .*prompt_completion"):
         (tmp_path / "bad.jsonl").write_text(json.dumps({"messages": []}) + "\n")
         validate_training(str(tiny_model_path), ok, accelerate_config=acc, dataset_path=str(tmp_path / "bad.jsonl"))
+
+
+DATASETS = ROOT / "tests/fixtures/datasets"
+
+
+@needs_fixture
+@pytest.mark.parametrize("name", ["sand_post_training.jsonl", "am_distilled.jsonl.zst", "openthoughts.json"])
+def test_r1_template_keeps_the_trace_of_every_reader_format(r1_model, name):
+    """Traces of any dataset format (SAND's missing <think>, AM's <answer>, OpenThoughts' markers) survive the
+    R1 template that strips <think> text, rewritten into train.reasoning_format."""
+    from transformers import AutoTokenizer
+
+    from sandlab.readers import read_records
+    from sandlab.train.sft import load_sft_dataset
+
+    tok = AutoTokenizer.from_pretrained(r1_model)
+    fmt = ChatFormat.from_tokenizer(tok)
+    for reasoning_format in ("think", "think_answer"):
+        records = read_records(str(DATASETS / name), reasoning_format=reasoning_format).records
+        for record, ex in zip(records, load_sft_dataset(str(DATASETS / name), reasoning_format=reasoning_format)):
+            sample = fmt.tokenize(ex["prompt"], ex["completion"])
+            trained = tok.decode([i for i, m in zip(sample["input_ids"], sample["completion_mask"]) if m])
+            assert trained == record["completion"][0]["content"] + "<｜end▁of▁sentence｜>"
+            assert record["trace"] in trained and trained.startswith("<think>\n")
+            assert ("<answer>" in trained) == (reasoning_format == "think_answer")
+
+
+def test_inspection_shows_any_format_as_it_trains(tiny_model_path):
+    import io
+
+    from rich.console import Console
+
+    from sandlab.train.inspect import inspect_dataset
+
+    cfg = TrainConfig(num_processes=1, global_batch_size=2, attn_implementation="sdpa", trl={"max_length": 256})
+    out = io.StringIO()
+    stats = inspect_dataset(str(tiny_model_path), str(DATASETS / "sand_post_training.jsonl"), cfg, samples=1,
+                            console=Console(file=out, width=200, color_system=None))
+    text = out.getvalue()
+    assert stats["samples"] == 3 and stats["turn_end_token"] == "<|im_end|>"
+    assert "<think>\nI need to add 17 and 25. 17 + 25 = 42.\n</think>\n\nThe sum is \\boxed{42}.<|im_end|>" in text
+    assert "green = trained on" in text

@@ -18,6 +18,7 @@ Mapping, recipe -> lm-eval task:
   sampling.<bench> (else .default)  n -> repeats; temperature, top_p; max_tokens -> max_gen_toks;
                                     stop -> until; do_sample = temperature > 0
   option_order (+ option_seed 0)    the doc_to_text / doc_to_target / process_results variant of utils.py
+  answer_rule                       the process_results variant (last_box: the paper's; multi: a set of boxes)
   backend dtype, max_model_len      the --model_args of the command line in the base's header
 Not carried over: the sampling seed (lm-eval sends each repeat as its own request with the same
 generation kwargs, so one seed would make all repeats the same sample; lm-eval has --seed), limit
@@ -103,6 +104,13 @@ def _option_variant(cfg: dict, source: str) -> str:
     return OPTION_VARIANTS[order]
 
 
+def _answer_rule(cfg: dict, source: str) -> str:
+    rule = cfg.get("answer_rule", "multi")
+    if rule not in ("last_box", "multi"):
+        raise ValueError(f"{source}: answer_rule {rule!r} has no lm-eval variant; use last_box or multi")
+    return rule
+
+
 def render_protocol(protocol: str) -> dict[str, str]:
     cfg = load_protocol(protocol)
     source = f"recipes/eval/{protocol}.yaml"
@@ -124,7 +132,7 @@ def render_protocol(protocol: str) -> dict[str, str]:
         f"description: {_flow(cfg['system_prompt'])}",
         f"doc_to_text: !function utils.doc_to_text{variant}",
         f"doc_to_target: !function utils.doc_to_target{variant}",
-        f"process_results: !function utils.process_results{variant}",
+        f"process_results: !function utils.process_results{variant}_{_answer_rule(cfg, source)}",
         f"repeats: {int(default.get('n', 1))}",
         f"generation_kwargs: {_flow(generation_kwargs(default))}",
         f"metadata: {_flow({'version': 2.0, 'protocol': protocol})}",

@@ -73,22 +73,25 @@ def keep_all_repeats(resps: list[list[str]], docs: list[dict]) -> list[list[str]
     return resps
 
 
-def _score(doc: dict, responses: list[str], gold: str) -> dict[str, float]:
-    grades = [grade(r, gold, kind=doc["kind"]).correct for r in responses]
+def _score(doc: dict, responses: list[str], gold: str, rule: str) -> dict[str, float]:
+    grades = [grade(r, gold, kind=doc["kind"], rule=rule).correct for r in responses]
     return {"pass@1": statistics.fmean(float(g) for g in grades), "first_sample": float(grades[0])}
 
 
-def process_results(doc: dict, results: list) -> dict[str, float]:
-    """Mean pass@1 over all repeats of one document, graded by sandlab's grader."""
-    responses = results[0] if isinstance(results[0], list) else list(results)
-    return _score(doc, responses, gold_of(doc))
+def _results_scorer(order: str, rule: str):
+    """process_results for one option order and answer rule (last_box: the paper's; multi: boxed answers as a set)."""
+    def process_results(doc: dict, results: list) -> dict[str, float]:
+        """Mean pass@1 over all repeats of one document, graded by sandlab's grader."""
+        responses = results[0] if isinstance(results[0], list) else list(results)
+        return _score(doc, responses, gold_of(doc, order, 0), rule)
+
+    return process_results
 
 
-def process_results_correct_first(doc: dict, results: list) -> dict[str, float]:
-    responses = results[0] if isinstance(results[0], list) else list(results)
-    return _score(doc, responses, gold_of(doc, "correct_first"))
-
-
-def process_results_shuffled(doc: dict, results: list) -> dict[str, float]:
-    responses = results[0] if isinstance(results[0], list) else list(results)
-    return _score(doc, responses, gold_of(doc, "shuffled", 0))
+# The task YAMLs name one of these (generate.py picks it from the protocol's option_order and answer_rule).
+process_results_multi = _results_scorer("as_is", "multi")
+process_results_last_box = _results_scorer("as_is", "last_box")
+process_results_correct_first_multi = _results_scorer("correct_first", "multi")
+process_results_correct_first_last_box = _results_scorer("correct_first", "last_box")
+process_results_shuffled_multi = _results_scorer("shuffled", "multi")
+process_results_shuffled_last_box = _results_scorer("shuffled", "last_box")

@@ -59,10 +59,38 @@ class Backend(Choice):
     hf = "hf"  # transformers generate (CPU fallback, tests)
 
 
+class DataFormat(Choice):
+    """A dataset's format (sandlab.readers.READERS); auto picks it from the fields and logs which."""
+
+    auto = "auto"
+    am_distilled = "am_distilled"  # a-m-team/AM-DeepSeek-R1-Distilled-1.4M (messages with info; .jsonl.zst)
+    openr1_math = "openr1_math"  # open-r1/OpenR1-Math-220k (one example per Math-Verify-correct generation)
+    openthoughts = "openthoughts"  # open-thoughts/OpenThoughts-114k (conversations)
+    openthoughts_metadata = "openthoughts_metadata"  # open-thoughts/OpenThoughts-114k, metadata config
+    sand_math = "sand_math"  # amd/SAND-MATH
+    sand_post_training = "sand_post_training"  # amd/SAND-Post-Training-Dataset (alpaca; output = trace + </think> + answer)
+    prompt_completion = "prompt_completion"  # sandlab's SFT export / TRL conversational prompt-completion
+    messages = "messages"  # OpenAI messages
+    alpaca = "alpaca"
+    sharegpt = "sharegpt"
+
+
+class ReasoningFormat(Choice):
+    think = "think"  # <think>\n trace \n</think>\n\n answer: what R1-distilled students expect
+    think_answer = "think_answer"  # AM's <think> trace </think><answer> answer </answer>
+
+
 class OptionOrder(Choice):
     as_is = "as_is"  # the benchmark file's order
     correct_first = "correct_first"  # the correct option is A (AMD's GPQA file: the paper protocol)
     shuffled = "shuffled"  # a fixed permutation per question from eval.option_seed (the standard protocol)
+
+
+class AnswerRule(Choice):
+    """How a math answer is read from a response that boxes several (see sandlab.grading.extract)."""
+
+    last_box = "last_box"  # only the last box counts (AMD's grader: the paper protocol)
+    multi = "multi"  # several distinct boxes are one answer set, compared as a set (data, standard protocol)
 
 
 @dataclass
@@ -141,6 +169,9 @@ class GenerationStage:
     # id) instead of generating them; pair with data.agreement.mode=reference.
     source: Optional[str] = None
     source_split: str = "train"
+    # The source's format (a dataset format, see data.format) and its Hub config (e.g. SAND's math).
+    source_format: DataFormat = DataFormat.auto
+    source_config: Optional[str] = None
     problem_field: str = "problem"
     answer_field: str = "answer"
     source_limit: Optional[int] = None
@@ -290,10 +321,18 @@ class DataConfig:
     # Use an existing SFT dataset (JSONL file/dir or Hub id) instead of generating one.
     dataset_path: Optional[str] = None
     # Further SFT datasets (JSONL file/dir or Hub id) trained on together with the first one, e.g. the
-    # science and hiked exports beside the math one for SAND-MathScience.
-    mix: list[str] = field(default_factory=list)
+    # science and hiked exports beside the math one for SAND-MathScience. An entry is a path, or
+    # {path, format, config, split, variant, count or fraction, filter} (sandlab.readers.mix_entry), e.g.
+    # {path: open-r1/OpenR1-Math-220k, count: 5000, filter: {source: [olympiads, amc_aime]}}.
+    mix: list[Any] = field(default_factory=list)
     # Train only on rows of these variants (math, science, hiked, general); empty: all rows.
     variants: list[str] = field(default_factory=list)
+    # The format of dataset_path and mix (sandlab.readers): auto detects it from the fields; SAND,
+    # SAND-MATH, AM-DeepSeek-R1-Distilled, OpenR1-Math, OpenThoughts and generic chat formats.
+    format: DataFormat = DataFormat.auto
+    # Hub config and split of a dataset_path that is a Hub id (e.g. amd/SAND-Post-Training-Dataset: math).
+    config: Optional[str] = None
+    split: str = "train"
     # Records per saved shard in per-record stages: a killed run resumes at the first unfinished shard.
     shard_size: int = 256
     partition: PartitionSettings = field(default_factory=PartitionSettings)
@@ -334,6 +373,9 @@ class TrainConfig:
     lora_alpha: int = 32
     lora_dropout: float = 0.05
     lora_target_modules: list[str] = field(default_factory=lambda: ["all-linear"])
+    # The student's trace format: every dataset's trace is rewritten into it (think: <think>..</think>
+    # + answer, as R1-distilled students expect; think_answer: AM's <think>..</think><answer>..</answer>).
+    reasoning_format: ReasoningFormat = ReasoningFormat.think
     # trl.SFTConfig settings, passed through as given (TRL's defaults for the rest).
     trl: dict[str, Any] = field(default_factory=dict)
 
@@ -410,6 +452,9 @@ class EvalConfig:
     # paper protocol), shuffled (a fixed permutation per question from option_seed: the standard one).
     option_order: OptionOrder = OptionOrder.as_is
     option_seed: int = 0
+    # Math answers: multi (several distinct boxes form a set, compared with the gold as a set) or
+    # last_box (only the last box, AMD's grader: the paper protocol). Recorded in each metrics.json.
+    answer_rule: AnswerRule = AnswerRule.multi
     chunk_size: int = 64  # items per saved chunk of samples: a killed evaluation resumes at the first unfinished one
 
 
@@ -477,6 +522,8 @@ class CostAssumptions:
     kept_fraction: float = 0.3  # of generated problems that survive agreement/dedup/decontam (SAND: ~0.3)
     output_fill: float = 0.5  # mean generated tokens / max_tokens
     mean_train_tokens: int = 8000  # per training example (prompt + reasoning trace)
+    # Examples of a training set that cannot be counted here (a Hub dataset); None: from num_problems.
+    train_examples: Optional[int] = None
 
     def __post_init__(self) -> None:
         if not (0 < self.train_mfu <= 1 and 0 < self.inference_mfu <= 1 and 0 < self.output_fill <= 1 and 0 < self.kept_fraction <= 1):

@@ -135,6 +135,10 @@ def check_recipe_stages(recipe: RecipeConfig) -> RecipeConfig:
     if not_in_recipe:
         raise ConfigError(f"run.only={not_in_recipe} names stages this recipe does not have; its stages: {recipe.stages}")
     d = recipe.data
+    from sandlab.readers import mix_entry  # noqa: PLC0415 (a bad data.mix entry fails before anything runs)
+
+    for entry in d.mix:
+        mix_entry(entry, str(d.format))
     makes_data = any(is_data_stage(s) for s in recipe.stages)
     if "train" in recipe.stages and makes_data and d.variants and not d.dataset_path and not d.mix:
         produced = {d.export.variant} | ({"hiked"} if "hike" in recipe.stages else set())

@@ -14,7 +14,7 @@ from __future__ import annotations
 import re
 from pathlib import Path
 
-from sandlab.config import AgreementStage
+from sandlab.config import AgreementStage, AnswerRule
 from sandlab.data_gen.prompts import load_prompt
 from sandlab.grading import GradeItem, GradingPool, extract_answer, strip_reasoning
 from sandlab.inference.base import ChatBackend, sampling_from
@@ -78,7 +78,7 @@ def cluster_answers_many(groups: list[list[str]], pool: GradingPool, kinds: list
             clusters[g].append([rep])
             unclustered[g] = []
             for j in rest:
-                item = GradeItem(response=f"\\boxed{{{answers[j]}}}", gold=answers[rep], kind=kinds[g])
+                item = GradeItem(response=f"\\boxed{{{answers[j]}}}", gold=answers[rep], kind=kinds[g], rule=AnswerRule.multi)
                 where.append((g, j, items.setdefault(item, len(items))))
         if not items:
             return clusters
@@ -112,7 +112,7 @@ def judge_missing_answers(judge: ChatBackend, records: list[Record], cfg: Agreem
     outputs = judge.generate(conversations, _judge_sampling(cfg), desc="judge: read answers")
     out = [{**rec, "solutions": [dict(s) for s in rec["solutions"]]} for rec in records]
     for (r, i), (completion,) in zip(jobs, outputs):
-        answer = extract_answer(completion.text, answer_kind(records[r])) if completion.ok and not completion.truncated else None
+        answer = extract_answer(completion.text, answer_kind(records[r]), AnswerRule.multi) if completion.ok and not completion.truncated else None
         if answer and answer.strip().upper() != "NONE":
             out[r]["solutions"][i].update(answer=answer, answer_source="judge")
     return out
@@ -151,7 +151,8 @@ def _merge(clusters: list[list[int]], same: list[tuple[int, int]]) -> list[list[
 def filter_by_reference(records: list[Record], cfg: AgreementStage, pool: GradingPool) -> tuple[list[Record], list[Record]]:
     """Distillation mode: keep a problem when at least ``min_votes`` solutions match its reference
     answer; the first matching solution becomes the trace."""
-    items = [GradeItem(response=s["text"], gold=str(rec["reference_answer"]), kind=answer_kind(rec)) for rec in records for s in rec["solutions"]]
+    items = [GradeItem(response=s["text"], gold=str(rec["reference_answer"]), kind=answer_kind(rec), rule=AnswerRule.multi)
+             for rec in records for s in rec["solutions"]]
     grades = iter(pool.grade_many(items, desc="verify against reference"))
     kept, dropped = [], []
     for rec in records:

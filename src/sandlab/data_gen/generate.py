@@ -60,25 +60,54 @@ def build_requests(cfg: GenerationStage, root: Path, seed: int) -> list[Record]:
 
 
 def load_source_problems(cfg: GenerationStage) -> list[Record]:
-    """Distillation mode: existing problems with reference answers from a JSONL file or a Hub dataset."""
+    """Distillation mode: existing problems with reference answers (or test cases) from a local file
+    (.json/.jsonl/.jsonl.zst/.parquet) or a Hub dataset (``source_config``, ``source_split``). A known
+    dataset format (``source_format``, auto-detected: SAND-MATH, AM-DeepSeek-R1-Distilled, OpenR1-Math,
+    OpenThoughts, ...) is read by ``sandlab.readers``; any other rows (and sandlab's own SFT export) by
+    ``problem_field`` / ``answer_field``. Rows without a problem or a reference are dropped, counted in the log."""
+    import logging  # noqa: PLC0415
+
     from sandlab.errors import ConfigError  # noqa: PLC0415
-    from sandlab.models import looks_like_local_path  # noqa: PLC0415
-    from sandlab.records import read_jsonl  # noqa: PLC0415
+    from sandlab.readers import GENERIC, READERS, detect_format, load_rows, records_from_rows  # noqa: PLC0415
 
+    log = logging.getLogger(__name__)
     source = cfg.source or ""
-    if Path(source).is_file():
-        rows = read_jsonl(source)
-    elif looks_like_local_path(source):
-        raise ConfigError(f"data.generate.source={source!r} does not exist; give a JSONL file or a Hub dataset id")
-    else:
+    try:
+        rows = load_rows(source, cfg.source_config, cfg.source_split)
+    except ConfigError as exc:
+        raise ConfigError(f"data.generate.source: {exc}") from None
+    if cfg.source_limit:
+        rows = rows[: cfg.source_limit]
+    fmt = str(cfg.source_format)
+    first = rows[0] if rows and isinstance(rows[0], dict) else {}
+    by_fields = cfg.answer_field in first and (cfg.problem_field in first or isinstance(first.get("prompt"), list))
+    if fmt == "auto":
         try:
-            import datasets  # noqa: PLC0415
-
-            rows = list(datasets.load_dataset(source, split=cfg.source_split))
-        except Exception as exc:  # noqa: BLE001 (offline, missing, gated: same advice)
-            raise ConfigError(f"could not load data.generate.source={source!r} ({type(exc).__name__}); use a local JSONL file") from None
+            fmt = detect_format(rows, where=f"data.generate.source={source}")
+        except ConfigError:
+            if not by_fields:
+                raise
+        if by_fields and fmt in GENERIC:  # problem_field/answer_field name the fields: as before readers
+            fmt = "auto"
+    if fmt in READERS:
+        result = records_from_rows(rows, fmt, where=f"data.generate.source={source}")
+        records, seen, unchecked = [], set(), 0
+        for r in result.records:  # OpenR1: one record per correct generation, one problem here
+            if r["problem"] in seen:
+                continue
+            seen.add(r["problem"])
+            if r["reference_answer"] is None and not r["test_cases"]:
+                unchecked += 1
+                continue
+            records.append({"id": r["id"], "domain": cfg.domain, "problem": r["problem"], "reference_answer": r["reference_answer"],
+                            "reference_solution": None, "answer_kind": ANSWER_KIND.get(cfg.style, "math"), "source_dataset": source,
+                            **({"test_cases": r["test_cases"]} if r["test_cases"] else {})})
+        if unchecked or result.dropped:
+            log.warning("data.generate.source=%s (%s): %d problems kept; dropped %d without a reference answer or test cases, %d unreadable rows %s",
+                        source, result.format, len(records), unchecked, len(result.dropped), result.reasons() or "")
+        return records
     records = []
-    for i, row in enumerate(rows[: cfg.source_limit] if cfg.source_limit else rows):
+    for i, row in enumerate(rows):
         conversation = row.get("prompt") if isinstance(row.get("prompt"), list) else None  # an SFT export row
         if (cfg.problem_field not in row and not conversation) or cfg.answer_field not in row:
             raise ConfigError(f"data.generate.source row {i + 1} lacks {cfg.problem_field!r} or {cfg.answer_field!r}; set data.generate.problem_field/answer_field")
@@ -89,7 +118,7 @@ def load_source_problems(cfg: GenerationStage) -> list[Record]:
             "problem": problem,
             "reference_answer": str(row[cfg.answer_field]),
             "reference_solution": None,
-            "answer_kind": (row.get("source") or {}).get("answer_kind") or ANSWER_KIND.get(cfg.style, "math"),
+            "answer_kind": (row["source"].get("answer_kind") if isinstance(row.get("source"), dict) else None) or ANSWER_KIND.get(cfg.style, "math"),
             "source_dataset": source,
         })
     return records
@@ -112,7 +141,7 @@ def parse_problem(text: str, *, reference_solution: bool = True, style: str = "m
     solution = SOLUTION_RE.search(final, question.end())
     if not solution or not solution.group(1).strip():
         return None, "missing_solution_tag"
-    answer = extract_math_answer(solution.group(1))
+    answer = extract_math_answer(solution.group(1), rule="multi")  # data generation reads several boxed answers as a set
     if not answer:
         return None, "missing_answer"
     return {"problem": question.group(1).strip(), "reference_solution": solution.group(1).strip(), "reference_answer": answer}, None

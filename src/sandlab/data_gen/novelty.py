@@ -9,7 +9,8 @@ import numpy as np
 from sandlab.config import NoveltyStage
 from sandlab.embeddings import embed, inner_product_index
 from sandlab.errors import ConfigError
-from sandlab.records import Record, read_jsonl
+from sandlab.readers import read_stage_input
+from sandlab.records import Record
 from sandlab.stages import Kind, Stage, StageContext
 
 
@@ -19,7 +20,7 @@ def filter_novelty(records: list[Record], cfg: NoveltyStage, *, corpus_vectors: 
     for path in cfg.corpora:
         if not Path(path).is_file():
             raise ConfigError(f"data.novelty.corpora: {path} does not exist")
-        corpus += [row["problem"] for row in read_jsonl(path) if "problem" in row]
+        corpus += [row["problem"] for row in read_stage_input(path) if "problem" in row]  # sandlab records or any reader format
     if (not corpus and corpus_vectors is None) or not records:
         return list(records), []
     if corpus_vectors is None:

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from sandlab.config import SolveStage
+from sandlab.config import AnswerRule, SolveStage
 from sandlab.data_gen.prompts import load_prompt
 from sandlab.grading import extract_answer
 from sandlab.inference.base import ChatBackend, sampling_from
@@ -22,7 +22,8 @@ def solve_problems(backend: ChatBackend, problems: list[Record], cfg: SolveStage
         solutions = [
             {
                 "text": c.text,
-                "answer": extract_answer(c.text, problem.get("answer_kind", "math")) if c.ok and not c.truncated else None,
+                # multi: a solution that boxes several answers votes for their set, not its last box.
+                "answer": extract_answer(c.text, problem.get("answer_kind", "math"), AnswerRule.multi) if c.ok and not c.truncated else None,
                 "finish_reason": c.finish_reason,
                 "completion_tokens": c.completion_tokens,
             }

@@ -65,7 +65,8 @@ def _generate_chunk(backend: ChatBackend, pool: GradingPool, items: list[dict[st
     golds = [gold_of(item, cfg.option_order, cfg.option_seed) for item in items]
     outputs = backend.generate(conversations, sampling_from(settings, n=settings.n, offset=start), desc=f"eval {benchmark} [{start}:{start + len(items)}]")
     flat = [(item, gold, conv, k, c) for item, gold, conv, comps in zip(items, golds, conversations, outputs) for k, c in enumerate(comps)]
-    grades = pool.grade_many([GradeItem(response=c.text if c.ok else "", gold=gold, kind=item["kind"]) for item, gold, _, _, c in flat], desc=f"grade {benchmark}")
+    grades = pool.grade_many([GradeItem(response=c.text if c.ok else "", gold=gold, kind=item["kind"], rule=cfg.answer_rule)
+                              for item, gold, _, _, c in flat], desc=f"grade {benchmark}")
     return [
         {
             "item_id": item["id"], "sample": k, "benchmark": benchmark, "prompt": conv, "output": c.text,
@@ -88,7 +89,7 @@ def evaluate_benchmark(backend: ChatBackend, pool: GradingPool, benchmark: str, 
                       save=write_jsonl, load=read_jsonl, suffix=".jsonl")
     samples = [sample for chunk in done for sample in chunk]
     write_jsonl(samples_path, samples)
-    metrics = {"protocol": cfg.protocol, **summarize(samples, seed=cfg.option_seed)}
+    metrics = {"protocol": cfg.protocol, "answer_rule": str(cfg.answer_rule), **summarize(samples, seed=cfg.option_seed)}
     write_json(metrics_path, metrics)
     shutil.rmtree(chunks, ignore_errors=True)
     return metrics

@@ -1,7 +1,8 @@
 """``sand-grade``: grade JSONL responses from stdin, write them back with ``pred`` and ``correct``.
 
 Input lines are objects with ``response``, ``gold`` and optional ``kind`` (``math``, the default,
-or ``mcq``). All lines are validated before any grading, so a malformed file produces one error
+or ``mcq``). ``--answer-rule`` says how a math response with several boxes is read (``multi``, the
+default: as a set; ``last_box``: only the last box). All lines are validated before any grading, so a malformed file produces one error
 line on stderr, exit code 2, and no output. Blank lines are skipped.
 """
 
@@ -13,7 +14,7 @@ import sys
 from typing import Any
 
 from sandlab.grading.pool import GradingPool
-from sandlab.grading.types import KINDS, GradeItem
+from sandlab.grading.types import ANSWER_RULES, KINDS, GradeItem
 
 PROG = "sand-grade"
 
@@ -22,7 +23,7 @@ class _BadLine(Exception):
     """A malformed input line; the message names the problem."""
 
 
-def _parse_line(text: str) -> tuple[dict[str, Any], GradeItem]:
+def _parse_line(text: str, rule: str = "multi") -> tuple[dict[str, Any], GradeItem]:
     try:
         record = json.loads(text)
     except json.JSONDecodeError as exc:
@@ -41,7 +42,7 @@ def _parse_line(text: str) -> tuple[dict[str, Any], GradeItem]:
     kind = record.get("kind", "math")
     if kind not in KINDS:
         raise _BadLine(f"field 'kind' must be one of {', '.join(map(repr, KINDS))}, got {kind!r}")
-    return record, GradeItem(record["response"], str(gold), kind)
+    return record, GradeItem(record["response"], str(gold), kind, rule)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -51,6 +52,8 @@ def main(argv: list[str] | None = None) -> int:
         description="Grade JSONL lines (response, gold, kind=math|mcq) from stdin; "
         "write them to stdout with 'pred' and 'correct' added.",
     )
+    parser.add_argument("--answer-rule", choices=ANSWER_RULES, default="multi",
+                        help="math responses with several boxes: multi (their set, the default) or last_box (the last one)")
     parser.add_argument("--timeout", type=float, default=5.0, help="hard per-item limit in seconds (default 5)")
     parser.add_argument("--workers", type=int, default=None, help="grading processes (default: this process's CPUs, shared among LOCAL_WORLD_SIZE ranks, at most 8 or $SANDLAB_GRADING_MAX_WORKERS)")
     args = parser.parse_args(argv)
@@ -65,7 +68,7 @@ def main(argv: list[str] | None = None) -> int:
         if not text.strip():
             continue
         try:
-            record, item = _parse_line(text)
+            record, item = _parse_line(text, args.answer_rule)
         except _BadLine as exc:
             print(f"{PROG}: line {lineno}: {exc}", file=sys.stderr)
             return 2

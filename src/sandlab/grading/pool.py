@@ -31,6 +31,7 @@ from dataclasses import dataclass
 from multiprocessing.connection import Connection, wait
 from typing import Any
 
+from sandlab.config import AnswerRule
 from sandlab.grading.extract import extract_choice, extract_math_answer
 from sandlab.grading.math_equiv import fast_equal
 from sandlab.grading.types import (
@@ -179,7 +180,8 @@ def decide_cheaply(item: GradeItem) -> tuple[GradeResult | None, str | None]:
     """Grade ``item`` in-process when no maths is needed; else ``(None, extracted prediction)``.
 
     Multiple-choice items, responses without an answer, and answers equal to the gold after
-    textual normalisation never need math-verify, so they skip the worker round-trip.
+    textual normalisation never need math-verify, so they skip the worker round-trip. Math answers
+    are read by ``item.rule`` (see ``sandlab.grading.extract``).
     """
     if item.kind not in KINDS:
         raise ValueError(f"unknown grading kind {item.kind!r}; expected one of {', '.join(KINDS)}")
@@ -191,7 +193,7 @@ def decide_cheaply(item: GradeItem) -> tuple[GradeResult | None, str | None]:
         if pred is None:
             return GradeResult(None, False, NO_ANSWER), None
         return GradeResult(pred, pred == gold, CHOICE), pred
-    pred = extract_math_answer(item.response)
+    pred = extract_math_answer(item.response, item.rule)
     if pred is None:
         return GradeResult(None, False, NO_ANSWER), None
     if fast_equal(item.gold, pred):
@@ -410,13 +412,14 @@ _default_pool: GradingPool | None = None
 _default_lock = threading.Lock()
 
 
-def grade(response: str, gold: str, kind: str = "math", timeout_s: float = 5.0) -> GradeResult:
-    """Grade one response. Items that need math-verify go to a shared single-worker pool.
+def grade(response: str, gold: str, kind: str = "math", timeout_s: float = 5.0, rule: AnswerRule | str = AnswerRule.multi) -> GradeResult:
+    """Grade one response (math answers read by ``rule``). Items that need math-verify go to a shared
+    single-worker pool.
 
     For many items use ``GradingPool.grade_many``, which runs them concurrently.
     """
     global _default_pool
-    item = GradeItem(response, gold, kind)
+    item = GradeItem(response, gold, kind, AnswerRule(rule))
     decided, _ = decide_cheaply(item)
     if decided is not None:
         return decided

@@ -4,7 +4,10 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from sandlab.config import AnswerRule
+
 KINDS = ("math", "mcq")
+ANSWER_RULES = tuple(str(r) for r in AnswerRule)
 
 # GradeResult.reason values: how the verdict was reached.
 NO_ANSWER = "no_answer"  # nothing extractable in the final part of the response
@@ -17,11 +20,17 @@ ERROR = "error"  # the grader raised or its worker died; counted incorrect
 
 @dataclass(frozen=True)
 class GradeItem:
-    """One response to grade against a gold answer; ``kind`` is ``"math"`` or ``"mcq"``."""
+    """One response to grade against a gold answer; ``kind`` is ``"math"`` or ``"mcq"``.
+
+    ``rule`` says how a math response that boxes several answers is read: ``multi`` (the default)
+    compares the set of its distinct boxes with the gold as a set; ``last_box`` reads only the last
+    box (the paper protocol). A response with one box grades the same under both.
+    """
 
     response: str
     gold: str
     kind: str = "math"
+    rule: AnswerRule = AnswerRule.multi
 
 
 @dataclass(frozen=True)

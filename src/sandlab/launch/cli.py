@@ -130,7 +130,8 @@ def inspect_main(argv: list[str] | None = None) -> None:
         template = cfg.model.chat_template
         template = str(template if Path(template).is_absolute() else repo_root() / template) if template else None
         inspect_dataset(resolve_model_path(cfg.model.path), dataset, cfg.train, chat_template_path=template, samples=args.samples,
-                        mix=cfg.data.mix, variants=cfg.data.variants)
+                        mix=cfg.data.mix, variants=cfg.data.variants, data_format=str(cfg.data.format), data_config=cfg.data.config,
+                        data_split=cfg.data.split)
     except SandlabError as exc:
         print(f"error: {exc}", file=sys.stderr)
         sys.exit(2)

@@ -129,6 +129,9 @@ def estimate(cfg: RecipeConfig, run_dir: Path, stages: list[str]) -> tuple[list[
         if measured:
             examples, per_example = measured
             basis = f"{examples} examples in the SFT file"
+        elif c.train_examples:
+            examples, per_example = c.train_examples, c.mean_train_tokens
+            basis = f"{examples} examples (launcher.cost.train_examples)"
         else:
             examples = d.generate.num_problems * c.kept_fraction * (2 if "hike" in cfg.stages else 1)
             per_example = c.mean_train_tokens

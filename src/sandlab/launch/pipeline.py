@@ -19,7 +19,8 @@ from omegaconf import DictConfig, OmegaConf
 from sandlab.errors import ConfigError, EmptyDatasetError
 from sandlab.launch import data_stages, fingerprints, partitions
 from sandlab.launch.preflight import preflight
-from sandlab.records import Record, read_jsonl
+from sandlab.readers import read_stage_input
+from sandlab.records import Record
 from sandlab.runs import RunDir, repo_root
 from sandlab.stages import Kind, Stage, StageContext, get_stage, is_data_stage, load_recipe, stage_names
 from sandlab.train.launcher import is_main_process
@@ -111,8 +112,8 @@ class Pipeline:
         else:
             if not input_path or not Path(input_path).is_file():
                 raise ConfigError(f"stage={name} needs input=<file.jsonl> with one record per line (got {input_path!r})")
-            try:
-                records = read_jsonl(input_path)
+            try:  # sandlab records as they are; any other dataset format through the readers (data.format)
+                records = read_stage_input(input_path, self.cfg.data.format)
             except (ValueError, UnicodeDecodeError) as exc:
                 raise ConfigError(f"input={input_path} is not valid JSONL ({type(exc).__name__}: {str(exc).splitlines()[0]})") from None
         out.mkdir(parents=True, exist_ok=True)

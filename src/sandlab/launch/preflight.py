@@ -7,20 +7,11 @@ from pathlib import Path
 
 from sandlab.config import RecipeConfig
 from sandlab.errors import ConfigError
-from sandlab.stages import StageContext, get_stage, is_data_stage
+from sandlab.stages import StageContext, get_stage
 
 
 def needs_teacher(cfg: RecipeConfig, stages: list[str]) -> bool:
     return any(get_stage(s).needs_teacher(cfg) for s in stages)
-
-
-def require_training_data(cfg: RecipeConfig, stages: list[str], run_dir: Path) -> None:
-    """Training needs this run's data stages, data.dataset_path, or an SFT file already in the run."""
-    if "train" not in stages or cfg.data.dataset_path or any(is_data_stage(s) for s in cfg.stages):
-        return
-    if not (run_dir / "sft" / "train.jsonl").exists():
-        raise ConfigError(f"recipe {cfg.recipe} trains on an existing SFT dataset: set data.dataset_path=<run>/sft, a JSONL file or a Hub id "
-                          f"(or run.dir=<a run with sft/train.jsonl>)")
 
 
 def preflight(ctx: StageContext, selected: list[str]) -> None:
@@ -39,4 +30,3 @@ def preflight(ctx: StageContext, selected: list[str]) -> None:
         check = get_stage(name).preflight
         if check is not None:
             check(ctx)
-    require_training_data(cfg, selected, ctx.run.path)

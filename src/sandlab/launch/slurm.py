@@ -113,8 +113,8 @@ def refuse_secret_overrides(overrides: list[str]) -> None:
 
 def check_submittable(cfg: RecipeConfig) -> None:
     """What would only fail once the job starts (after hours in the queue), checked at submission."""
-    from sandlab.launch.preflight import require_training_data  # noqa: PLC0415
     from sandlab.models import looks_like_local_path  # noqa: PLC0415
+    from sandlab.train.stages import require_training_data  # noqa: PLC0415
 
     require_training_data(cfg, selected_stages(cfg), Path(cfg.run.dir))
     for key, value in (("model.path", cfg.model.path), ("data.dataset_path", cfg.data.dataset_path), ("rl.init_from", cfg.rl.init_from)):

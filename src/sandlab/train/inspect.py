@@ -1,5 +1,6 @@
 """Look at training data the way the trainer sees it: rendered samples with the loss mask visible,
-token counts, and the share of samples cut at ``train.trl.max_length``.
+token counts, and the share of samples cut at ``train.trl.max_length``. Any ``sandlab.readers`` format
+(auto-detected) is shown as it trains: the trace rewritten into ``train.reasoning_format``.
 
     python train/inspect_data.py --config-name <recipe> [data.dataset_path=<jsonl>] [--samples 2]
 """
@@ -13,7 +14,8 @@ from sandlab.config import TrainConfig
 
 
 def inspect_dataset(model_path: str, dataset_path: str, cfg: TrainConfig, *, chat_template_path: str | None = None, samples: int = 1,
-                    console: Any = None, mix: list[str] | tuple[str, ...] = (), variants: list[str] | tuple[str, ...] = ()) -> dict[str, Any]:
+                    console: Any = None, mix: list[Any] | tuple[Any, ...] = (), variants: list[str] | tuple[str, ...] = (),
+                    data_format: str = "auto", data_config: str | None = None, data_split: str = "train") -> dict[str, Any]:
     from rich.console import Console  # noqa: PLC0415
     from rich.table import Table  # noqa: PLC0415
     from rich.text import Text  # noqa: PLC0415
@@ -28,7 +30,8 @@ def inspect_dataset(model_path: str, dataset_path: str, cfg: TrainConfig, *, cha
     max_length = trl_value(cfg.trl, SFTConfig, "max_length")  # what the trainer cuts at
     tokenizer = load_tokenizer(model_path, chat_template_path)
     fmt = ChatFormat.from_tokenizer(tokenizer)
-    dataset = load_sft_dataset(dataset_path, mix=mix, variants=variants)
+    dataset = load_sft_dataset(dataset_path, mix=mix, variants=variants, data_format=data_format, reasoning_format=str(cfg.reasoning_format),
+                               config=data_config, split=data_split)
     rows = []
     for i, ex in enumerate(tqdm(dataset, desc="tokenize", unit="sample", dynamic_ncols=True)):
         tok = fmt.tokenize(ex["prompt"], ex["completion"], max_length)

@@ -1,5 +1,8 @@
 """Supervised fine-tuning with TRL's SFTTrainer on prompt/completion conversations.
 
+Datasets in any ``sandlab.readers`` format (``data.format``, default auto) become those conversations, the
+trace rewritten into ``train.reasoning_format``; sandlab's own prompt/completion JSONL is used as is.
+
 Conversations are rendered by ``ChatFormat`` (the template renders the prompt, the assistant content is
 kept verbatim, so no template can drop the reasoning trace); loss is on the completion tokens only; the
 token closing an assistant turn is the eos of tokenizer, generation config and data alike; the
@@ -20,34 +23,85 @@ from sandlab.records import write_json
 log = logging.getLogger(__name__)
 
 
-def _load_one(path: str):
+def _export_files(p: Path) -> list[str]:
+    """The JSONL files of a local prompt/completion dataset (an export directory: its all-variants file)."""
+    files = [str(f) for f in sorted(p.rglob("*.jsonl"))] if p.is_dir() else [str(p)]
+    if p.is_dir() and (p / "train.jsonl").exists():
+        files = [str(p / "train.jsonl")]
+    return files
+
+
+def _is_prompt_completion_jsonl(p: Path) -> bool:
+    """A local JSONL file/dir whose first row is a prompt/completion conversation (sandlab's export)."""
+    import json  # noqa: PLC0415
+
+    from sandlab.readers import READERS  # noqa: PLC0415
+
+    files = _export_files(p) if p.exists() else []
+    if not files or not all(f.endswith(".jsonl") for f in files):
+        return False
+    with open(files[0], encoding="utf-8") as fh:
+        line = next((ln for ln in fh if ln.strip()), "")
+    try:
+        row = json.loads(line) if line else None
+    except json.JSONDecodeError:
+        return False
+    return isinstance(row, dict) and READERS["prompt_completion"].detect(row)
+
+
+def _load_one(path: str, *, data_format: str = "auto", reasoning_format: str = "think", config: str | None = None, split: str = "train",
+              filter: dict[str, Any] | None = None):  # noqa: A002
+    """One SFT dataset as prompt/completion conversations (+ variant when it has them). sandlab's own
+    prompt/completion JSONL, already in the ``think`` trace format, is trained on verbatim; every other
+    format (and other reasoning formats) goes through ``sandlab.readers``."""
     import datasets  # noqa: PLC0415
 
+    from sandlab.readers import matches, read_records  # noqa: PLC0415
+
     p = Path(path)
-    if p.exists():
-        files = [str(f) for f in sorted(p.rglob("*.jsonl"))] if p.is_dir() else [str(p)]
-        if p.is_dir() and (p / "train.jsonl").exists():  # an export directory: its all-variants file
-            files = [str(p / "train.jsonl")]
-        if not files:
-            raise ConfigError(f"SFT dataset directory {p} has no *.jsonl files")
-        ds = datasets.load_dataset("json", data_files=files, split="train")
-    else:
-        try:
-            ds = datasets.load_dataset(path, split="train")
-        except Exception as exc:  # noqa: BLE001 (offline, missing, private: same advice)
-            raise ConfigError(f"could not load SFT dataset {path!r} ({type(exc).__name__}); give a local JSONL file/dir or a reachable Hub id") from None
-    missing = {"prompt", "completion"} - set(ds.column_names)
-    if missing:
-        raise ConfigError(f"SFT dataset {path} lacks columns {sorted(missing)}; expected prompt/completion conversations")
+    if data_format in ("auto", "prompt_completion") and reasoning_format == "think" and _is_prompt_completion_jsonl(p):
+        ds = datasets.load_dataset("json", data_files=_export_files(p), split="train")
+        return ds.filter(lambda row: matches(filter, row, row), desc="filter") if filter else ds
+    result = read_records(path, data_format, config, split, reasoning_format=reasoning_format, filter=filter)
+    rows = [{"prompt": r["prompt"], "completion": r["completion"], **({"variant": r.get("variant")} if any("variant" in x for x in result.records) else {})}
+            for r in result.records]
+    if not rows:
+        reasons = f"; dropped rows: {result.reasons()}" if result.dropped else ""
+        raise EmptyDatasetError(f"SFT dataset {path} (format {result.format}) yields no training rows{reasons}")
+    log.info("SFT dataset %s: %d rows in format %s (trace as %s), %d rows dropped %s", path, len(rows), result.format, reasoning_format,
+             len(result.dropped), result.reasons() or "")
+    return datasets.Dataset.from_list(rows)
+
+
+def _load_entry(entry: dict[str, Any], reasoning_format: str):
+    """One dataset of the mix: read, filtered, its rows labelled with the entry's variant, sampled."""
+    import math  # noqa: PLC0415
+
+    ds = _load_one(entry["path"], data_format=entry["format"], reasoning_format=reasoning_format, config=entry["config"], split=entry["split"],
+                   filter=entry["filter"])
+    if entry["variant"]:
+        ds = ds.remove_columns([c for c in ("variant",) if c in ds.column_names]).add_column("variant", [str(entry["variant"])] * len(ds))
+    size = entry["count"] if entry["count"] is not None else math.ceil(entry["fraction"] * len(ds)) if entry["fraction"] is not None else None
+    if size is not None:
+        if size > len(ds):
+            log.warning("data.mix entry %s asks for %d rows but has %d; taking all", entry["path"], size, len(ds))
+        ds = ds.shuffle(seed=0).select(range(min(size, len(ds))))
     return ds
 
 
-def load_sft_dataset(path: str, *, mix: list[str] | tuple[str, ...] = (), variants: list[str] | tuple[str, ...] = ()):
-    """JSONL files/dirs of ``{prompt, completion}`` conversations or Hub ids, concatenated; with
-    ``variants``, only rows whose ``variant`` is listed."""
+def load_sft_dataset(path: str, *, mix: list[Any] | tuple[Any, ...] = (), variants: list[str] | tuple[str, ...] = (), data_format: str = "auto",
+                     reasoning_format: str = "think", config: str | None = None, split: str = "train"):
+    """SFT datasets (local files/dirs or Hub ids, in any ``sandlab.readers`` format; ``data_format`` unless an
+    entry names its own, ``config``/``split`` for a Hub ``path``) as prompt/completion conversations,
+    concatenated; ``mix`` entries are paths or ``{path, format, config, split, variant, count or fraction,
+    filter}``; with ``variants``, only rows whose ``variant`` is listed."""
     import datasets  # noqa: PLC0415
 
-    parts = [_load_one(p) for p in [path, *mix]]
+    from sandlab.readers import mix_entry  # noqa: PLC0415
+
+    entries = [mix_entry({"path": path, "config": config, "split": split}, data_format), *(mix_entry(e, data_format) for e in mix)]
+    parts = [_load_entry(e, reasoning_format) for e in entries]
+    mix = [e["path"] for e in entries[1:]]
     if variants:
         for p, ds in zip([path, *mix], parts):
             if "variant" not in ds.column_names:
@@ -57,7 +111,11 @@ def load_sft_dataset(path: str, *, mix: list[str] | tuple[str, ...] = (), varian
         absent = [v for v in variants if v not in found]
         if absent:
             raise EmptyDatasetError(f"data.variants asks for {absent}, but no SFT dataset has rows of them; add their exports with data.mix=[...]")
-    ds = datasets.concatenate_datasets([d.select_columns(["prompt", "completion"]) for d in parts])
+    parts = [d.select_columns(["prompt", "completion"]) for d in parts]
+    if any(d.features != parts[0].features for d in parts):  # e.g. an export's messages carry extra keys: keep role/content
+        parts = [datasets.Dataset.from_list([{k: [{"role": m["role"], "content": m["content"]} for m in ex[k]] for k in ("prompt", "completion")}
+                                             for ex in d]) for d in parts]
+    ds = datasets.concatenate_datasets(parts)
     if len(ds) == 0:
         where = f" with variants {list(variants)}" if variants else ""
         raise EmptyDatasetError(f"SFT dataset {path}{' + ' + ', '.join(mix) if mix else ''} has no rows{where}; nothing to train on")
@@ -123,16 +181,20 @@ def trl_args(config_cls: type, kwargs: dict[str, Any]):
 
 
 def build_sft_trainer(model_path: str, dataset_path: str, cfg: TrainConfig, *, output_dir: str, run_name: str, seed: int, report_to: list[str],
-                      chat_template_path: str | None = None, mix: list[str] | tuple[str, ...] = (), variants: list[str] | tuple[str, ...] = ()):
+                      chat_template_path: str | None = None, mix: list[Any] | tuple[Any, ...] = (), variants: list[str] | tuple[str, ...] = (),
+                      data_format: str = "auto", data_config: str | None = None, data_split: str = "train"):
     from trl import SFTTrainer  # noqa: PLC0415
 
     from sandlab.train.formatting import ChatFormat  # noqa: PLC0415
 
+    # The data first: a dataset that yields no rows stops here, before the model loads.
+    conversations = load_sft_dataset(dataset_path, mix=mix, variants=variants, data_format=data_format, reasoning_format=str(cfg.reasoning_format),
+                                     config=data_config, split=data_split)
     tokenizer = load_tokenizer(model_path, chat_template_path)
     fmt = ChatFormat.from_tokenizer(tokenizer)
     if not fmt.template_keeps_trace:
         log.info("the chat template drops reasoning from assistant turns; completions are rendered verbatim, so the trace is kept")
-    dataset = render_dataset(load_sft_dataset(dataset_path, mix=mix, variants=variants), fmt)
+    dataset = render_dataset(conversations, fmt)
     args = build_sft_config(cfg, output_dir=output_dir, run_name=run_name, seed=seed, report_to=report_to, eos_token=fmt.turn_end)
     peft_config = None
     if cfg.lora_r > 0:
@@ -149,10 +211,12 @@ def build_sft_trainer(model_path: str, dataset_path: str, cfg: TrainConfig, *, o
 
 
 def run_sft(model_path: str, dataset_path: str, cfg: TrainConfig, *, output_dir: str, run_name: str, seed: int, report_to: list[str],
-            chat_template_path: str | None = None, mix: list[str] | tuple[str, ...] = (), variants: list[str] | tuple[str, ...] = ()) -> str:
+            chat_template_path: str | None = None, mix: list[Any] | tuple[Any, ...] = (), variants: list[str] | tuple[str, ...] = (),
+            data_format: str = "auto", data_config: str | None = None, data_split: str = "train") -> str:
     """Train and save the final model (weights + tokenizer/chat template) to ``output_dir``."""
     trainer = build_sft_trainer(model_path, dataset_path, cfg, output_dir=output_dir, run_name=run_name, seed=seed, report_to=report_to,
-                                chat_template_path=chat_template_path, mix=mix, variants=variants)
+                                chat_template_path=chat_template_path, mix=mix, variants=variants, data_format=data_format,
+                                data_config=data_config, data_split=data_split)
     # Resume from the newest checkpoint (sharded ZeRO-3 ones included) after a killed job.
     from sandlab.train.checkpoints import latest_complete_checkpoint  # noqa: PLC0415
 

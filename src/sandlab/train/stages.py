@@ -10,11 +10,18 @@ import logging
 from pathlib import Path
 from typing import Any
 
-from sandlab.errors import EmptyDatasetError
-from sandlab.stages import Kind, Stage, StageContext
+from sandlab.config import RecipeConfig
+from sandlab.errors import ConfigError, EmptyDatasetError
+from sandlab.stages import Kind, Stage, StageContext, is_data_stage
 from sandlab.train.launcher import is_main_process, launch_distributed, under_launcher
 
 log = logging.getLogger("sandlab")
+
+
+def data_source(ctx: StageContext) -> dict[str, Any]:
+    """How the SFT dataset is read: its format (``auto`` detects it), and a Hub dataset's config and split."""
+    d = ctx.cfg.data
+    return {"data_format": str(d.format), "data_config": d.config, "data_split": d.split}
 
 
 def run_train(ctx: StageContext) -> dict[str, Any] | None:
@@ -33,10 +40,19 @@ def run_train(ctx: StageContext) -> dict[str, Any] | None:
 
         run_sft(model_path, dataset, t, output_dir=str(ctx.tuned_dir()), run_name=f"{cfg.recipe}-sft", seed=cfg.run.seed,
                 report_to=["wandb"] if cfg.wandb.mode != "disabled" else [], chat_template_path=ctx.path(cfg.model.chat_template),
-                mix=cfg.data.mix, variants=cfg.data.variants)
+                mix=cfg.data.mix, variants=cfg.data.variants, **data_source(ctx))
     if not is_main_process():
         return None
     return {"model": model_path, "dataset": dataset, "output": str(ctx.tuned_dir())}
+
+
+def require_training_data(cfg: RecipeConfig, stages: list[str], run_dir: Path) -> None:
+    """Training needs this run's data stages, data.dataset_path, or an SFT file already in the run."""
+    if "train" not in stages or cfg.data.dataset_path or any(is_data_stage(s) for s in cfg.stages):
+        return
+    if not (run_dir / "sft" / "train.jsonl").exists():
+        raise ConfigError(f"recipe {cfg.recipe} trains on an existing SFT dataset: set data.dataset_path=<run>/sft, a JSONL file or a Hub id "
+                          f"(or run.dir=<a run with sft/train.jsonl>)")
 
 
 def check_train(ctx: StageContext) -> None:
@@ -48,6 +64,7 @@ def check_train(ctx: StageContext) -> None:
     path = cfg.data.dataset_path
     if path and not Path(path).exists() and looks_like_local_path(path):
         raise EmptyDatasetError(f"data.dataset_path={path!r} does not exist; give a JSONL file/dir or a Hub dataset id")
+    require_training_data(cfg, ["train"], ctx.run.path)
     if ctx.run.is_done("train") or under_launcher():
         return
     from sandlab.train.validate import validate_training  # noqa: PLC0415
@@ -56,7 +73,7 @@ def check_train(ctx: StageContext) -> None:
     checked = validate_training(resolve_model_path(cfg.model.path), cfg.train, accelerate_config=ctx.root / cfg.train.accelerate_config,
                                 chat_template_path=ctx.path(cfg.model.chat_template),
                                 dataset_path=dataset if (cfg.data.dataset_path or Path(dataset).exists()) else None,
-                                mix=cfg.data.mix, variants=cfg.data.variants)
+                                mix=cfg.data.mix, variants=cfg.data.variants, **data_source(ctx))
     log.info("training config checked: %s", checked)
 
 
@@ -88,6 +105,7 @@ def check_grpo(ctx: StageContext) -> None:
 
 STAGES = (
     Stage("train", Kind.TRAIN, run_train, preflight=check_train, needs_student=True, needs_gpu=True, reads_export_only=True,
-          config=("model.path", "model.chat_template", "data.dataset_path", "data.mix", "data.variants", "train")),
+          config=("model.path", "model.chat_template", "data.dataset_path", "data.format", "data.config", "data.split", "data.mix",
+                  "data.variants", "train")),
     Stage("grpo", Kind.TRAIN, run_grpo, preflight=check_grpo, needs_student=True, needs_gpu=True, config=("rl", "model.path")),
 )

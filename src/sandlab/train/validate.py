@@ -116,7 +116,8 @@ def validate_grpo(cfg: RLConfig) -> dict[str, object]:
 
 
 def validate_training(model_path: str, cfg: TrainConfig, *, accelerate_config: Path, chat_template_path: str | None = None,
-                      dataset_path: str | None = None, mix: list[str] | tuple[str, ...] = (), variants: list[str] | tuple[str, ...] = ()) -> dict[str, object]:
+                      dataset_path: str | None = None, mix: list[Any] | tuple[Any, ...] = (), variants: list[str] | tuple[str, ...] = (),
+                      data_format: str = "auto", data_config: str | None = None, data_split: str = "train") -> dict[str, object]:
     """Raise ConfigError for the first problem; return what was checked (for the log)."""
     from transformers import AutoConfig  # noqa: PLC0415
     from trl import SFTConfig  # noqa: PLC0415
@@ -164,5 +165,6 @@ def validate_training(model_path: str, cfg: TrainConfig, *, accelerate_config: P
     fmt = ChatFormat.from_tokenizer(tokenizer)
     checked: dict[str, object] = {"turn_end": fmt.turn_end, "template_keeps_trace": fmt.template_keeps_trace, "max_position_embeddings": limit}
     if dataset_path:
-        checked["samples"] = len(load_sft_dataset(dataset_path, mix=mix, variants=variants))
+        checked["samples"] = len(load_sft_dataset(dataset_path, mix=mix, variants=variants, data_format=data_format,
+                                                  reasoning_format=str(cfg.reasoning_format), config=data_config, split=data_split))
     return checked
