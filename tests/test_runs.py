@@ -51,3 +51,24 @@ def test_wandb_offline_run_records_recipe_fields_without_secrets(tmp_path, monke
         finish_wandb()
     files = list(tmp_path.glob("wandb/offline-run-*/run-*.wandb"))
     assert files and b"sk-secret" not in files[0].read_bytes()
+
+
+def test_a_sweep_override_longer_than_a_wandb_tag_still_tracks(tmp_path, monkeypatch):
+    """W&B refuses tags over 64 characters; a sweep over a long dataset path must still get its run."""
+    import wandb
+
+    from sandlab.tracking import start_tracking
+
+    monkeypatch.delenv("WANDB_API_KEY", raising=False)
+    monkeypatch.setenv("WANDB_MODE", "offline")
+    long_override = "data.dataset_path=/tmp/" + "d" * 60 + "/train.jsonl"
+    sweep = {"dir": str(tmp_path / "sweep"), "num": 0, "overrides": [long_override, "train.trl.learning_rate=1e-4"]}
+    start_tracking(WandbConfig(project="sandlab-test"), recipe="tiny", run_dir=tmp_path, root_run_dir=tmp_path, config={},
+                   job_type="train", sweep=sweep)
+    try:
+        assert wandb.run is not None
+        tags = list(wandb.run.tags)
+        assert "train.trl.learning_rate=1e-4" in tags and all(len(t) <= 64 for t in tags)
+        assert any(t.startswith("data.dataset_path=/tmp/ddd") and t.endswith("...") for t in tags)
+    finally:
+        finish_wandb()

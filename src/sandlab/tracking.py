@@ -18,6 +18,7 @@ from sandlab.config import WandbConfig
 from sandlab.runs import redact
 
 log = logging.getLogger("sandlab")
+MAX_TAG = 64  # W&B refuses a run with a longer tag (a sweep override with a long path would be one)
 
 
 def resolve_mode(cfg: WandbConfig) -> str:
@@ -107,7 +108,7 @@ def start_tracking(cfg: WandbConfig, *, recipe: str, run_dir: Path, root_run_dir
         if not cfg.group or cfg.group == recipe:
             group = f"{recipe}-sweep-{Path(sweep['dir']).name}"
         name = cfg.name or f"{group}-{sweep['num']}"
-        tags = ["sweep", *sweep["overrides"]][:20]
+        tags = [tag if len(tag) <= MAX_TAG else tag[: MAX_TAG - 3] + "..." for tag in ["sweep", *sweep["overrides"]][:20]]
     if job_type != "pipeline":
         name += f"-{job_type}"
     if partition_index is not None:
