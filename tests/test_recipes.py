@@ -21,6 +21,10 @@ TRL_ARGUMENTS = json.loads((Path(__file__).parent / "fixtures/trl_arguments.json
 # Recipes added after the fixture was recorded -> the recorded recipe whose training settings they keep.
 ADDED_SINCE_FIXTURE = {"sand_math_qwen2.5_32b_released": "sand_math_qwen2.5_32b",
                        "sand_mathscience_r1_distill_qwen_32b_released": "sand_mathscience_r1_distill_qwen_32b"}
+# Recipes and train groups fitted to other GPUs since: the paper's TRL arguments but for these.
+FITTED_SINCE_FIXTURE = {"sand_math_qwen2.5_32b_h100": "sand_math_qwen2.5_32b", "sand_mathscience_r1_distill_qwen_32b_h100": "sand_mathscience_r1_distill_qwen_32b"}
+H100_CHANGES = {"gradient_accumulation_steps": 4, "pad_to_multiple_of": 4}  # SP 4: 2 data-parallel groups x 2 x 4 = 16
+TRAIN_GROUPS_SINCE_FIXTURE = {"paper_32b_h100", "cpu_sp2"}
 
 
 def compose_recipe(name: str, overrides: list[str] | None = None):
@@ -211,8 +215,8 @@ def recipe_trl_arguments(case: str) -> dict:
 
 def test_the_fixture_covers_every_recipe_and_training_group():
     cases = set(TRL_ARGUMENTS)
-    assert set(TOP_LEVEL) - set(ADDED_SINCE_FIXTURE) <= cases
-    assert {f"demo train={p.stem}" for p in (RECIPES / "train").glob("*.yaml")} <= cases
+    assert set(TOP_LEVEL) - set(ADDED_SINCE_FIXTURE) - set(FITTED_SINCE_FIXTURE) <= cases
+    assert {f"demo train={p.stem}" for p in (RECIPES / "train").glob("*.yaml") if p.stem not in TRAIN_GROUPS_SINCE_FIXTURE} <= cases
     assert {f"tiny +rl={p.stem}" for p in (RECIPES / "rl").glob("*.yaml")} <= cases
     assert "grpo" in TRL_ARGUMENTS["grpo_sand_math_qwen2.5_32b"]
 
@@ -225,6 +229,19 @@ def test_released_data_recipes_keep_the_paper_trl_arguments(added, recorded):
     r = load_recipe(compose_recipe(added, ["run.dir=runs/x"]))
     got = sft_arguments(r.train, output_dir="OUT/checkpoints/final", run_name=f"{recorded}-sft", seed=r.run.seed, report_to=["wandb"], eos_token="<EOS>")
     assert json.dumps({"__class__": "SFTConfig", **got}, sort_keys=True) == json.dumps(TRL_ARGUMENTS[recorded]["sft"], sort_keys=True)
+
+
+@pytest.mark.parametrize("fitted, recorded", sorted(FITTED_SINCE_FIXTURE.items()))
+def test_h100_recipes_change_only_the_batch_layout(fitted, recorded):
+    """The _h100 recipes train with the paper's TRL arguments but the accumulation that keeps the global batch under
+    sequence parallelism 4, and rows padded to a multiple of it."""
+    from sandlab.train.sft import sft_arguments
+
+    extra = ["data.mix=[/tmp/science]"] if "mathscience" in fitted else []
+    r = load_recipe(compose_recipe(fitted, ["run.dir=runs/x", *extra]))
+    got = sft_arguments(r.train, output_dir="OUT/checkpoints/final", run_name=f"{recorded}-sft", seed=r.run.seed, report_to=["wandb"], eos_token="<EOS>")
+    expected = {**TRL_ARGUMENTS[recorded]["sft"], **H100_CHANGES}
+    assert json.dumps({"__class__": "SFTConfig", **got}, sort_keys=True) == json.dumps(expected, sort_keys=True)
 
 
 @pytest.mark.parametrize("case", sorted(TRL_ARGUMENTS))

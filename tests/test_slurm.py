@@ -87,11 +87,14 @@ def test_demo_recipe_jobs_on_slurm(slurm_cluster, tmp_path):
     cmd = [sys.executable, "-m", "sandlab.launch.submit", "--config-name", "demo", f"run.dir={run_dir}",
            "launcher.serve.enabled=true",  # the teacher as a vLLM server job; data jobs read its endpoint
            "data.partition.count=2",  # generate/solve/filter as a 2-task array, then a merge job
-           # The smallest data that still reaches training: few problems, shorter solutions, and one vote is
+           # The smallest data that still reaches training: few problems, one short solution each, and one vote is
            # enough (what is tested here is the job machinery, not the data's quality).
-           "data.generate.num_problems=16", "data.solve.sampling.max_tokens=160",
+           "data.generate.num_problems=16", "data.solve.k=1", "data.solve.sampling.n=1", "data.solve.sampling.max_tokens=160",
            "data.agreement.min_votes=1", "data.agreement.min_agreement=0.34",
-           # accelerate + DeepSpeed ZeRO-3 with 2 processes; one ZeRO checkpoint of 135M on disk at a time (~2 GB each)
+           # The student is the tiny random model: ZeRO-3 start-up, sharded checkpoints, requeue and resume are the
+           # same code as for SmolLM2 at a twentieth of the size (a 135M ZeRO-3 checkpoint is ~2 GB on disk).
+           "model=tiny_random",
+           # accelerate + DeepSpeed ZeRO-3 with 2 processes
            "train=cpu_zero3", "train.trl.max_steps=4", "train.trl.save_steps=2", "+train.trl.save_total_limit=1",
            # one evaluated model (one vLLM engine start in the eval job)
            "eval.models=[tuned]", "eval.limit=2", "eval.sampling.default.max_tokens=48"]

@@ -118,8 +118,10 @@ def test_gpu_hour_estimate_matches_an_independent_count(paper_dry_run):
 
 
 def test_passrate_keeps_gpus_when_the_teacher_is_served(tmp_path):
+    # The GRPO recipe's 16 x 33k-token micro-batch does not fit an 80 GB GPU; the memory plan's fix does.
+    fits = ["rl.per_device_train_batch_size=1", "rl.gradient_accumulation_steps=64", "rl.accelerate_config=accelerate_configs/zero3_offload_optimizer.yaml"]
     result = submit("--config-name", "grpo_sand_math_qwen2.5_32b", "--dry-run", "cluster=example_h100", "teacher=vllm_tp8",
-                    "launcher.serve.enabled=true", "rl.init_from=/", f"run.dir={tmp_path / 'r'}")
+                    "launcher.serve.enabled=true", "rl.init_from=/", f"run.dir={tmp_path / 'r'}", *fits)
     assert result.returncode == 0, result.stderr[-2000:]
     jobs = split_scripts(result.stdout)
     name = "grpo_sand_math_qwen2.5_32b"
@@ -185,7 +187,7 @@ def test_endpoints_file_is_waited_for(tmp_path):
                                              ("sand_mathscience_r1_distill_qwen_32b_released", ["math", "science", "math_dh"])])
 def test_released_data_recipes_submit_train_and_eval_only(tmp_path, recipe, configs):
     """Tables 1-2 from AMD's released data: no data or teacher jobs; the job reads the Hub dataset's configs."""
-    result = submit("--config-name", recipe, "--dry-run", "cluster=example_h100", f"run.dir={tmp_path / 'run'}")
+    result = submit("--config-name", recipe, "--dry-run", "cluster=example_mi300x", f"run.dir={tmp_path / 'run'}")
     assert result.returncode == 0, result.stderr[-3000:]
     jobs = split_scripts(result.stdout)
     assert sorted(jobs) == sorted([f"{recipe}-train", f"{recipe}-eval"])
@@ -196,3 +198,31 @@ def test_released_data_recipes_submit_train_and_eval_only(tmp_path, recipe, conf
     assert (data.dataset_path, str(data.format)) == ("amd/SAND-Post-Training-Dataset", "sand_post_training")
     assert [data.config, *(e["config"] for e in data.mix)] == configs
     assert re.search(r"^train .*examples \(launcher\.cost\.train_examples\)", result.stdout, re.MULTILINE)
+
+
+def test_a_job_that_does_not_fit_stops_the_submission_with_a_fix(tmp_path):
+    """The paper recipe on 8x H100 80 GB: the dry run prints the plan and stops with one line naming a change
+    that fits; with that change the same dry run passes and prints the plan of the fitting job."""
+    result = submit("--config-name", "sand_math_qwen2.5_32b", "--dry-run", "cluster=example_h100", f"run.dir={tmp_path / 'run'}")
+    assert result.returncode == 2
+    assert re.search(r"^  train: [\d.]+ GiB of 71.3 GiB DOES NOT FIT", result.stdout, re.MULTILINE), result.stdout[-3000:]
+    error = result.stderr.strip().splitlines()[-1]
+    assert error.startswith("error: the train job needs ") and "GiB per GPU, over the 71.3 GiB budget of example_h100's GPUs; fits with" in error
+    fix = error.split(": ")[-1].split()
+    fixed = submit("--config-name", "sand_math_qwen2.5_32b", "--dry-run", "cluster=example_h100", f"run.dir={tmp_path / 'run'}", *fix)
+    assert fixed.returncode == 0, fixed.stderr[-2000:]
+    assert re.search(r"^  train: [\d.]+ GiB of 71.3 GiB fits", fixed.stdout, re.MULTILINE)
+    assert "#SBATCH" in fixed.stdout and not (tmp_path / "run" / "memory_plan.json").exists()  # a dry run writes nothing
+
+
+def test_h100_recipe_launches_ulysses_through_accelerate(tmp_path):
+    """The _h100 recipe's train job: accelerate's ParallelismConfig for DeepSpeed Ulysses (SP 4 x 2 data-parallel
+    groups on 8 GPUs) and the optimizer-offload ZeRO-3 config, with the plan saying it fits."""
+    result = submit("--config-name", "sand_math_qwen2.5_32b_h100", "--dry-run", f"run.dir={tmp_path / 'run'}")
+    assert result.returncode == 0, result.stderr[-3000:]
+    acc = yaml.safe_load(result.stdout.rsplit("accelerate_train.yaml\n", 1)[1].split("GPU-hour estimate")[0])
+    assert acc["parallelism_config"] == {"parallelism_config_sp_backend": "deepspeed", "parallelism_config_sp_size": 4,
+                                         "parallelism_config_dp_replicate_size": 2, "parallelism_config_sp_seq_length_is_variable": True,
+                                         "parallelism_config_sp_attn_implementation": "flash_attention_2"}
+    assert acc["deepspeed_config"]["deepspeed_config_file"].endswith("deepspeed/zero3_offload_optimizer.json")
+    assert re.search(r"^  train: [\d.]+ GiB of 71.3 GiB fits", result.stdout, re.MULTILINE)

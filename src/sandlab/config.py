@@ -106,6 +106,9 @@ class ModelConfig:
     # Parameters in billions, for the GPU-hour estimate when the model's HF config cannot be read
     # (a Hub id on a machine without the Hub). None: counted from the config.
     num_params_b: Optional[float] = None
+    # HF config fields (model_type, hidden_size, num_hidden_layers, ...) for the memory plan when the
+    # model's config.json cannot be read here (a Hub id without the Hub); None: from the config.
+    architecture: Optional[dict[str, Any]] = None
 
 
 @dataclass
@@ -134,6 +137,7 @@ class BackendConfig:
     enforce_eager: bool = False
     extra_engine_args: dict[str, Any] = field(default_factory=dict)
     num_params_b: Optional[float] = None  # active parameters (billions) for cost estimates; None: from the HF config
+    architecture: Optional[dict[str, Any]] = None  # HF config fields for the memory plan (see ModelConfig)
 
 
 @dataclass
@@ -362,6 +366,9 @@ class TrainConfig:
     global_batch_size: int = 16
     per_device_train_batch_size: int = 2
     gradient_accumulation_steps: int = 1
+    # DeepSpeed Ulysses sequence parallelism: each sequence is split over this many GPUs (accelerate's
+    # ParallelismConfig, sp_backend=deepspeed). The data-parallel degree is num_processes / it.
+    sequence_parallel_size: int = 1
     # Padding-free packing of samples into max_length rows (trl.packing_strategy picks bfd or wrapped).
     packing: bool = False
     # The model's attention kernel (trl model_init_kwargs.attn_implementation); the model's dtype
@@ -380,12 +387,18 @@ class TrainConfig:
     trl: dict[str, Any] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
-        if self.per_device_train_batch_size * self.gradient_accumulation_steps * self.num_processes != self.global_batch_size:
+        sp = self.sequence_parallel_size
+        if sp < 1 or self.num_processes % sp:
+            raise ConfigError(f"train.sequence_parallel_size={sp} does not divide train.num_processes={self.num_processes}")
+        if self.per_device_train_batch_size * self.gradient_accumulation_steps * self.num_processes // sp != self.global_batch_size:
+            of = f" / sequence_parallel_size = {self.per_device_train_batch_size} x {self.gradient_accumulation_steps} x {self.num_processes} / {sp}" if sp > 1 else (
+                f" = {self.per_device_train_batch_size} x {self.gradient_accumulation_steps} x {self.num_processes}")
             raise ConfigError(
                 f"train.global_batch_size={self.global_batch_size} but per_device_train_batch_size x "
-                f"gradient_accumulation_steps x num_processes = {self.per_device_train_batch_size} x "
-                f"{self.gradient_accumulation_steps} x {self.num_processes}; fix one of them"
+                f"gradient_accumulation_steps x num_processes{of}; fix one of them"
             )
+        if sp > 1 and self.attn_implementation == "eager":
+            raise ConfigError("train.sequence_parallel_size > 1 needs attn_implementation sdpa or flash_attention_2/3 (Ulysses drops eager's 4D mask)")
 
 
 @dataclass
@@ -479,6 +492,7 @@ class ClusterConfig:
     qos: Optional[str] = None
     gpus_per_node: int = 0
     gpu_type: Optional[str] = None  # a key of sandlab.train.throughput.PEAK_TFLOPS, e.g. "H100 SXM", "MI300X"
+    gpu_memory_gb: Optional[float] = None  # per GPU, GiB; None: from gpu_type (sandlab.launch.memory.GPU_MEMORY_GIB)
     peak_tflops: Optional[float] = None  # dense bf16 per GPU; None: from gpu_type
     cpus_per_task: Optional[int] = None
     mem: Optional[str] = None  # e.g. "0" (all of the node's memory) or "512G"; None: the cluster default

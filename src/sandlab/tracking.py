@@ -138,6 +138,19 @@ def log_results(results: dict, funnel: list, throughput: dict[str, float] | None
                 wandb.log({f"{plot}_plot": wandb.Image(str(run_dir / f"{plot}.png"))})
 
 
+def log_memory_plan(plan: dict[str, Any]) -> None:
+    """The per-GPU memory plan in the run's config (all of it) and summary (GiB and fit per job)."""
+    import wandb  # noqa: PLC0415
+
+    if wandb.run is None:
+        return
+    wandb.run.config.update({"memory_plan": plan}, allow_val_change=True)
+    for job in plan["jobs"]:
+        key = job["job"].replace(" ", "_")
+        wandb.run.summary[f"memory/{key}/gib"] = job["total_gib"]
+        wandb.run.summary[f"memory/{key}/fits"] = job["fits"]
+
+
 def log_stage_artifacts(stage: str, recipe: str, run_dir: Path, *, description: str = "", funnel: list | None = None) -> None:
     """The exported dataset and the evaluation tables become W&B artifacts of the run."""
     if stage == "export" and (run_dir / "sft").is_dir():

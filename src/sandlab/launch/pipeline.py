@@ -20,7 +20,7 @@ from sandlab.errors import ConfigError, EmptyDatasetError
 from sandlab.launch import data_stages, fingerprints, partitions
 from sandlab.launch.preflight import preflight
 from sandlab.readers import read_stage_input
-from sandlab.records import Record
+from sandlab.records import Record, write_json
 from sandlab.runs import RunDir, repo_root
 from sandlab.stages import Kind, Stage, StageContext, get_stage, is_data_stage, load_recipe, stage_names
 from sandlab.train.launcher import is_main_process
@@ -152,12 +152,19 @@ class Pipeline:
             if get_stage(stage).kind is not Kind.REPORT and self.run.is_done(stage):
                 self.check_stage_config(stage)
         self.ctx.selected = selected
-        preflight(self.ctx, [s for s in selected if s not in merged])
+        memory = preflight(self.ctx, [s for s in selected if s not in merged])
         main = is_main_process()  # under `accelerate launch`, only rank 0 records the run
         if main:
             self.run.write_metadata(self.raw_cfg, stages=selected, jobs_log=self.root_run.path / "jobs.jsonl")
+            if memory is not None:
+                write_json(self.run.path / "memory_plan.json", memory.to_dict())
+                log.info("%s", memory.format())
         if main and self.cfg.wandb.mode != "disabled":
             self._start_tracking(selected)
+            if memory is not None:
+                from sandlab.tracking import log_memory_plan  # noqa: PLC0415
+
+                log_memory_plan(memory.to_dict())
         try:
             for name in selected:
                 stage = get_stage(name)

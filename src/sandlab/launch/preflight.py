@@ -14,10 +14,23 @@ def needs_teacher(cfg: RecipeConfig, stages: list[str]) -> bool:
     return any(get_stage(s).needs_teacher(cfg) for s in stages)
 
 
-def preflight(ctx: StageContext, selected: list[str]) -> None:
+def check_memory(ctx: StageContext, selected: list[str]):
+    """The per-GPU memory plan of the selected stages on the recipe's cluster (None without GPUs); a job
+    that does not fit stops here, before any weights load."""
+    from sandlab.launch.memory import misfit_message, plan_recipe  # noqa: PLC0415
+
+    plan = plan_recipe(ctx.cfg, ctx.root, selected)
+    if plan is not None and not plan.fits:
+        raise ConfigError(misfit_message(plan))
+    return plan
+
+
+def preflight(ctx: StageContext, selected: list[str]):
+    """Raise ConfigError for the first problem; return the memory plan (None on a cluster without GPUs)."""
     from sandlab.models import resolve_model_path  # noqa: PLC0415
 
     cfg = ctx.cfg
+    plan = check_memory(ctx, selected)
     if needs_teacher(cfg, selected):
         if cfg.teacher.backend == "openai":
             ctx.teacher.check_health()
@@ -30,3 +43,4 @@ def preflight(ctx: StageContext, selected: list[str]) -> None:
         check = get_stage(name).preflight
         if check is not None:
             check(ctx)
+    return plan

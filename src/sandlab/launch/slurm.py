@@ -93,12 +93,15 @@ def training_layout(cfg: RecipeConfig, kind: str) -> tuple[int, list[str]]:
     world = res.nodes * gpus
     if world == t.num_processes:
         return world, []
-    per_step = t.per_device_train_batch_size * world
+    sp = t.sequence_parallel_size
+    if world % sp:
+        raise ConfigError(f"train.sequence_parallel_size={sp} does not divide the {world} GPUs of {res.nodes} node(s) x {gpus}")
+    per_step = t.per_device_train_batch_size * world // sp  # a sequence-parallel group trains one stream of sequences
     if t.global_batch_size % per_step:
         raise ConfigError(
-            f"train.global_batch_size={t.global_batch_size} is not a multiple of per_device_train_batch_size x GPUs = "
-            f"{t.per_device_train_batch_size} x {world} ({res.nodes} node(s) x {gpus}); change launcher.train.nodes or "
-            f"train.per_device_train_batch_size")
+            f"train.global_batch_size={t.global_batch_size} is not a multiple of per_device_train_batch_size x GPUs"
+            f"{' / sequence_parallel_size' if sp > 1 else ''} = {t.per_device_train_batch_size} x {world}{f' / {sp}' if sp > 1 else ''} "
+            f"({res.nodes} node(s) x {gpus}); change launcher.train.nodes or train.per_device_train_batch_size")
     accumulation = t.global_batch_size // per_step
     return world, [f"train.num_processes={world}", f"train.gradient_accumulation_steps={accumulation}"]
 
@@ -262,7 +265,8 @@ class JobPlanner:
         config_path = self.slurm_dir / f"accelerate_{kind}.yaml"
         distributed = world > 1 or res.nodes > 1
         if distributed:
-            self.extra_files[config_path] = write_accelerate_config(self.repo, accelerate_config, world, num_machines=res.nodes)
+            sp = {} if kind == "grpo" else {"sequence_parallel_size": cfg.train.sequence_parallel_size, "attn_implementation": cfg.train.attn_implementation}
+            self.extra_files[config_path] = write_accelerate_config(self.repo, accelerate_config, world, num_machines=res.nodes, **sp)
         name = f"{self.recipe_name}-{kind}"
         script = self.render(TEMPLATES[kind], job_name=name, res=res, distributed=distributed, accelerate_config=str(config_path),
                              num_processes=world, procs_per_node=world // res.nodes, script=TRAIN_SCRIPTS[kind], args=self._args(stages, layout))

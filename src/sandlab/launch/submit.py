@@ -1,7 +1,8 @@
 """``sandlab-submit --config-name <recipe> [--dry-run] [overrides...]``: render the recipe's Slurm jobs
 (slurm/templates/, cluster settings from ``cluster=<recipes/cluster/*.yaml>``), submit them with
-dependencies between them and print their job ids. ``--dry-run`` prints the scripts and the GPU-hour
-estimate and submits nothing."""
+dependencies between them and print their job ids. ``--dry-run`` prints the scripts, the GPU-hour
+estimate and the per-GPU memory plan, and submits nothing. A job whose memory plan does not fit the
+cluster's GPUs stops the submission (dry run included) with one line and the cheapest changes that fit."""
 
 from __future__ import annotations
 
@@ -11,12 +12,14 @@ from pathlib import Path
 
 from omegaconf import OmegaConf
 
-from sandlab.errors import SandlabError
+from sandlab.errors import ConfigError, SandlabError
+from sandlab.records import write_json
 
 
 def main(argv: list[str] | None = None) -> None:
     from sandlab.launch.cli import compose_recipe  # noqa: PLC0415
     from sandlab.launch.cost import estimate, format_estimate  # noqa: PLC0415
+    from sandlab.launch.memory import misfit_message, plan_recipe  # noqa: PLC0415
     from sandlab.launch.slurm import (  # noqa: PLC0415
         JobPlanner,
         check_submittable,
@@ -53,6 +56,15 @@ def main(argv: list[str] | None = None) -> None:
         jobs = planner.plan()
         lines, peak = estimate(cfg, run_dir, selected_stages(cfg))
         cost = format_estimate(lines, peak, cfg.cluster.name)
+        plan = plan_recipe(cfg, planner.repo, selected_stages(cfg))
+        if plan is not None:
+            cost += "\n" + plan.format()
+        if plan is not None and not plan.fits:
+            if args.dry_run:
+                print(cost)
+            else:
+                print(cost, file=sys.stderr)
+            raise ConfigError(misfit_message(plan))
         if args.dry_run:
             for i, job in enumerate(jobs):
                 path = planner.slurm_dir / (f"logs/{job.name}-%j.out" if job.wrap is not None else f"{i:02d}-{job.name}.sbatch")
@@ -64,6 +76,9 @@ def main(argv: list[str] | None = None) -> None:
                 print(f"# ---- {path}\n{text}")
             print(cost)
             return
+        if plan is not None:
+            run_dir.mkdir(parents=True, exist_ok=True)
+            write_json(run_dir / "memory_plan.json", plan.to_dict())
         submit_jobs(jobs, planner)
     except SandlabError as exc:
         print(f"error: {exc}", file=sys.stderr)

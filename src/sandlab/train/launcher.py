@@ -23,9 +23,12 @@ def under_launcher() -> bool:
     return "WORLD_SIZE" in os.environ
 
 
-def write_accelerate_config(root: Path, accelerate_config: str, num_processes: int, *, num_machines: int = 1) -> str:
+def write_accelerate_config(root: Path, accelerate_config: str, num_processes: int, *, num_machines: int = 1, sequence_parallel_size: int = 1,
+                            attn_implementation: str | None = None) -> str:
     """The accelerate config a launch uses, as YAML: the DeepSpeed JSON path made absolute (so it works
-    from any directory and the run records what it used) and the process/machine counts filled in."""
+    from any directory and the run records what it used), the process/machine counts filled in, and
+    with ``sequence_parallel_size`` > 1 accelerate's ParallelismConfig for DeepSpeed Ulysses (the
+    Trainer shards each batch along the sequence, and TRL adds position_ids and reduces the loss)."""
     import yaml  # noqa: PLC0415
 
     path = root / accelerate_config
@@ -39,13 +42,23 @@ def write_accelerate_config(root: Path, accelerate_config: str, num_processes: i
         ds["deepspeed_multinode_launcher"] = "standard"  # torchrun on every node, no pdsh/ssh
     acc["num_processes"] = num_processes
     acc["num_machines"] = num_machines
+    if sequence_parallel_size > 1:
+        acc["parallelism_config"] = {
+            "parallelism_config_sp_backend": "deepspeed",
+            "parallelism_config_sp_size": sequence_parallel_size,
+            "parallelism_config_dp_replicate_size": num_processes // sequence_parallel_size,
+            "parallelism_config_sp_seq_length_is_variable": True,  # rows differ in length from batch to batch
+            "parallelism_config_sp_attn_implementation": attn_implementation,
+        }
     return yaml.safe_dump(acc, sort_keys=False)
 
 
-def launch_distributed(root: Path, run_dir: Path, entry: str, num_processes: int, accelerate_config: str) -> None:
+def launch_distributed(root: Path, run_dir: Path, entry: str, num_processes: int, accelerate_config: str, *, sequence_parallel_size: int = 1,
+                       attn_implementation: str | None = None) -> None:
     """``accelerate launch train/<entry>`` with the run's own resolved recipe (run_dir/config.yaml)."""
     launcher_config = run_dir / "accelerate_config.yaml"
-    launcher_config.write_text(write_accelerate_config(root, accelerate_config, num_processes))
+    launcher_config.write_text(write_accelerate_config(root, accelerate_config, num_processes, sequence_parallel_size=sequence_parallel_size,
+                                                       attn_implementation=attn_implementation))
     cmd = [
         sys.executable, "-m", "accelerate.commands.launch", "--config_file", str(launcher_config),
         "--num_processes", str(num_processes), str(root / "train" / entry),

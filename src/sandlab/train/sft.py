@@ -148,8 +148,14 @@ def model_init_kwargs(attn_implementation: str, trl: dict[str, Any]) -> dict[str
 def sft_arguments(cfg: TrainConfig, *, output_dir: str, run_name: str, seed: int, report_to: list[str], eos_token: str | None = None) -> dict[str, Any]:
     """The trl.SFTConfig keyword arguments of a recipe: train.trl as given, plus what sandlab sets itself
     (the run, the batch layout, packing, the completion-only loss, the turn-end eos, model loading)."""
+    sp = {}
+    if cfg.sequence_parallel_size > 1:  # Ulysses splits every row into sequence_parallel_size equal shards
+        # gloo (CPU) cannot all-gather rows of different lengths across the group: pad them all to max_length there.
+        multiple = int(cfg.trl.get("max_length") or 1024) if cfg.trl.get("use_cpu") else cfg.sequence_parallel_size
+        sp = {"pad_to_multiple_of": cfg.trl.get("pad_to_multiple_of") or multiple}
     return {
         **cfg.trl,
+        **sp,
         "output_dir": output_dir,
         "run_name": run_name,
         "seed": seed,
@@ -223,6 +229,10 @@ def run_sft(model_path: str, dataset_path: str, cfg: TrainConfig, *, output_dir:
     last = latest_complete_checkpoint(output_dir)
     if last is not None:
         log.info("resuming from %s", last)
+    if cfg.sequence_parallel_size > 1:  # every SP run, resumed or not, iterates its epochs the same way
+        from sandlab.train.sequence_parallel import enable_resume  # noqa: PLC0415
+
+        enable_resume()
     output = trainer.train(resume_from_checkpoint=str(last) if last else None)
     if cfg.lora_r > 0:  # evaluation (vLLM) loads a plain checkpoint: merge the adapters in
         merged = trainer.model.merge_and_unload()
@@ -233,7 +243,7 @@ def run_sft(model_path: str, dataset_path: str, cfg: TrainConfig, *, output_dir:
     if trainer.accelerator.is_main_process:
         trainer.processing_class.save_pretrained(output_dir)
         # What sweeps and reports compare: the last logged loss (over the whole run, resumes included).
-        losses = [entry["loss"] for entry in trainer.state.log_history if "loss" in entry]
-        write_json(Path(output_dir) / "train_metrics.json", {"final_loss": losses[-1] if losses else None, "global_step": trainer.state.global_step,
-                                                              "train_runtime_s": output.metrics.get("train_runtime")})
+        history = [{k: entry[k] for k in ("step", "loss", "grad_norm") if k in entry} for entry in trainer.state.log_history if "loss" in entry]
+        write_json(Path(output_dir) / "train_metrics.json", {"final_loss": history[-1]["loss"] if history else None, "global_step": trainer.state.global_step,
+                                                              "train_runtime_s": output.metrics.get("train_runtime"), "history": history})
     return output_dir

@@ -34,7 +34,8 @@ def run_train(ctx: StageContext) -> dict[str, Any] | None:
     if not Path(dataset).exists() and not cfg.data.dataset_path:
         raise EmptyDatasetError(f"no SFT dataset at {dataset}; run the data stages first or set data.dataset_path")
     if t.num_processes > 1 and not under_launcher():
-        launch_distributed(ctx.root, ctx.run.path, "sft.py", t.num_processes, t.accelerate_config)
+        launch_distributed(ctx.root, ctx.run.path, "sft.py", t.num_processes, t.accelerate_config, sequence_parallel_size=t.sequence_parallel_size,
+                           attn_implementation=t.attn_implementation)
     else:
         from sandlab.train.sft import run_sft  # noqa: PLC0415
 

@@ -21,7 +21,7 @@ from sandlab.errors import ConfigError
 SFT_RESERVED = {
     "output_dir": "from run.dir", "run_name": "from the recipe name", "seed": "from run.seed", "report_to": "from wandb.mode",
     "per_device_train_batch_size": "train.per_device_train_batch_size", "gradient_accumulation_steps": "train.gradient_accumulation_steps",
-    "packing": "train.packing", "eos_token": "the chat template's turn-end token", "completion_only_loss": "always on: loss on completions only",
+    "packing": "train.packing", "parallelism_config": "train.sequence_parallel_size", "eos_token": "the chat template's turn-end token", "completion_only_loss": "always on: loss on completions only",
 }
 GRPO_RESERVED = {
     "output_dir": "from run.dir", "run_name": "from the recipe name", "seed": "from run.seed", "report_to": "from wandb.mode",
@@ -140,6 +140,11 @@ def validate_training(model_path: str, cfg: TrainConfig, *, accelerate_config: P
             raise ConfigError(f"{accelerate_config.name} names deepspeed_config_file={ds_file}, which does not exist")
         if acc.get("use_cpu") and not use_cpu:
             raise ConfigError(f"{accelerate_config.name} runs on CPU but train.trl.use_cpu is not true")
+        if cfg.sequence_parallel_size > 1 and kind != "DEEPSPEED":
+            raise ConfigError(f"train.sequence_parallel_size={cfg.sequence_parallel_size} is DeepSpeed Ulysses: pick a DeepSpeed accelerate config "
+                              f"(e.g. accelerate_configs/zero3.yaml), not {accelerate_config.name}")
+    if cfg.sequence_parallel_size > 1 and cfg.packing and cfg.attn_implementation == "sdpa":
+        raise ConfigError("train.packing under sequence parallelism needs flash_attention_2/3: with sdpa, packed samples would attend to each other")
     if not use_cpu:
         import torch  # noqa: PLC0415
 
@@ -155,6 +160,12 @@ def validate_training(model_path: str, cfg: TrainConfig, *, accelerate_config: P
         model_config = AutoConfig.from_pretrained(model_path)
     except (OSError, ValueError) as exc:
         raise ConfigError(f"cannot read the model config at {model_path} ({type(exc).__name__})") from None
+    sp = cfg.sequence_parallel_size
+    heads = getattr(model_config.get_text_config(), "num_attention_heads", None)
+    kv_heads = getattr(model_config.get_text_config(), "num_key_value_heads", None) or heads
+    if sp > 1 and heads and (heads % sp or (kv_heads % sp and sp % kv_heads)):
+        raise ConfigError(f"train.sequence_parallel_size={sp} does not fit the model's {heads} attention / {kv_heads} KV heads "
+                          "(Ulysses splits the heads: sp must divide them, and the KV heads or be a multiple of them)")
     limit = getattr(model_config.get_text_config(), "max_position_embeddings", None)
     if limit and max_length and max_length > limit:
         raise ConfigError(f"train.trl.max_length={max_length} exceeds the model's max_position_embeddings={limit}")
