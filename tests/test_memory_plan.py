@@ -31,7 +31,7 @@ def cluster(**kw):
 
 
 @pytest.mark.parametrize("gpu, gib", [("H100 SXM", 79.2), ("NVIDIA H100 80GB HBM3", 79.2), ("H100 NVL", 93.1), ("H200", 139.8),
-                                      ("A100-SXM4-80GB", 79.2), ("A100 40GB", 39.4), ("MI300X", 191.5), ("MI325X", 255.5)])
+                                      ("A100-SXM4-80GB", 79.2), ("A100 80 GB", 79.2), ("A100 40GB", 39.4), ("MI300X", 191.5), ("MI325X", 255.5)])
 def test_gpu_memory_by_type(gpu, gib):
     assert gpu_memory_gib(cluster(gpu_type=gpu)) == gib
 
@@ -43,6 +43,8 @@ def test_gpu_memory_bad_input_is_one_line():
         gpu_memory_gib(cluster(gpu_type="B200"))
     with pytest.raises(ConfigError, match="does not say 40 or 80 GB; set cluster.gpu_memory_gb"):
         gpu_memory_gib(cluster(gpu_type="A100"))
+    with pytest.raises(ConfigError, match="no cluster.gpu_type; set cluster.gpu_type"):
+        gpu_memory_gib(cluster())
 
 
 @pytest.fixture(scope="module")

@@ -63,7 +63,7 @@ def gpu_memory_gib(cluster) -> float | None:
         return None
     if not cluster.gpu_type:
         raise ConfigError("the cluster has GPUs but no cluster.gpu_type; set cluster.gpu_type (e.g. 'H100 SXM') or cluster.gpu_memory_gb")
-    name = cluster.gpu_type.upper().replace("-", " ")
+    name = cluster.gpu_type.upper().replace("-", "").replace(" ", "")  # "A100-SXM4-80GB", "A100 80 GB" alike
     if "A100" in name and not any(s in name for s in ("40", "80")):
         raise ConfigError(f"cluster.gpu_type={cluster.gpu_type!r} does not say 40 or 80 GB; set cluster.gpu_memory_gb")
     for key in sorted(GPU_MEMORY_GIB, key=len, reverse=True):
