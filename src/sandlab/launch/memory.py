@@ -371,35 +371,31 @@ def _relayout(lay: TrainLayout, **changes) -> TrainLayout | None:
     return replace(new, accumulation=lay.global_batch // per_step)
 
 
-def _moves(shape: ModelShape, lay: TrainLayout, kind: str, nodes: int):
-    """(rank, overrides, description, step-time effect, changed layout) of each single change, cheapest first."""
+def _moves(shape: ModelShape, lay: TrainLayout, kind: str, nodes: int) -> list[tuple[int, list[str], str, str, dict[str, Any]]]:
+    """(rank, overrides, description, step-time effect, layout changes) of each single change, cheapest first."""
     prefix = "train" if kind == "train" else "rl"
     out = []
-    if lay.micro_batch > 1:
-        new = _relayout(lay, micro_batch=1)
-        if new:
-            out.append((1, [f"{prefix}.per_device_train_batch_size=1"],
-                        "micro-batch 1 with more accumulation", "same tokens per step; smaller kernels", new))
+    if lay.micro_batch > 1 and _relayout(lay, micro_batch=1):
+        out.append((1, [f"{prefix}.per_device_train_batch_size=1"], "micro-batch 1 with more accumulation", "same tokens per step; smaller kernels",
+                    {"micro_batch": 1}))
     if kind == "train":
         for k in _sp_degrees(shape, lay):
-            if k > lay.sequence_parallel:
-                new = _relayout(lay, sequence_parallel=k)
-                if new:
-                    out.append((2, [f"train.sequence_parallel_size={k}"],
-                                f"Ulysses sequence parallelism over {k} GPUs", "two all-to-alls per layer inside the node", new))
+            if k > lay.sequence_parallel and _relayout(lay, sequence_parallel=k):
+                out.append((2, [f"train.sequence_parallel_size={k}"], f"Ulysses sequence parallelism over {k} GPUs",
+                            "two all-to-alls per layer inside the node", {"sequence_parallel": k}))
     if not lay.liger:
-        out.append((3, [f"+{prefix}.trl.use_liger_kernel=true"], "Liger kernels (fused RMSNorm, RoPE, SwiGLU)", "none or faster", replace(lay, liger=True)))
+        out.append((3, [f"+{prefix}.trl.use_liger_kernel=true"], "Liger kernels (fused RMSNorm, RoPE, SwiGLU)", "none or faster", {"liger": True}))
     if not lay.gradient_checkpointing:
         out.append((4, [f"+{prefix}.trl.gradient_checkpointing=true"], "gradient checkpointing",
-                    "about 25% slower (one more forward; 29.2% vs 39.2% MFU measured on H100)", replace(lay, gradient_checkpointing=True)))
+                    "about 25% slower (one more forward; 29.2% vs 39.2% MFU measured on H100)", {"gradient_checkpointing": True}))
     if lay.zero_stage == 3 and not lay.offload_optimizer:
         out.append((5, [f"{prefix}.accelerate_config=accelerate_configs/zero3_offload_optimizer.yaml"], "ZeRO-3 with the optimizer offloaded to CPU",
-                    "CPU Adam step and PCIe traffic of the gradient and parameter shards every step", replace(lay, offload_optimizer=True)))
+                    "CPU Adam step and PCIe traffic of the gradient and parameter shards every step", {"offload_optimizer": True}))
     if kind == "train":
         for more in (2, 4):
-            new = _relayout(lay, world=lay.world * more)
-            if new:
-                out.append((6, [f"launcher.train.nodes={nodes * more}"], f"{nodes * more} nodes", f"{more}x the GPUs, about the same GPU-hours", new))
+            if _relayout(lay, world=lay.world * more):
+                out.append((6, [f"launcher.train.nodes={nodes * more}"], f"{nodes * more} nodes", f"{more}x the GPUs, about the same GPU-hours",
+                            {"world": lay.world * more}))
     return out
 
 
@@ -411,13 +407,7 @@ def suggest(shape: ModelShape, lay: TrainLayout, plan: JobPlan, kind: str, nodes
         for combo in itertools.combinations(moves, size):
             if len({m[0] for m in combo}) < size:  # one change of each kind
                 continue
-            new = lay
-            for m in combo:
-                changed = {f: getattr(m[4], f) for f in ("micro_batch", "sequence_parallel", "liger", "gradient_checkpointing", "offload_optimizer", "world")
-                           if getattr(m[4], f) != getattr(lay, f)}
-                new = _relayout(new, **changed)
-                if new is None:
-                    break
+            new = _relayout(lay, **{k: v for m in combo for k, v in m[4].items()})
             if new is None:
                 continue
             candidate = train_plan(shape, new, job=plan.job, capacity_gib=plan.capacity_gib)
