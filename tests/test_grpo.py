@@ -102,3 +102,55 @@ def test_grpo_preflight_checks_trl_keys_and_the_attention_kernel():
     if importlib.util.find_spec("flash_attn") is None:  # the CPU machines this suite runs on
         with pytest.raises(ConfigError, match="rl.attn_implementation=flash_attention_2 needs flash-attn"):
             validate_grpo(RLConfig(trl=cpu))
+
+
+CODE_PROMPTS = [
+    {"id": "c1", "problem": "Read two integers and print their sum.", "answer_kind": "code",
+     "tests": [{"input": "1 2\n", "output": "3\n", "testtype": "stdin"}, {"input": "5 5\n", "output": "10\n", "testtype": "stdin"}]},
+    {"id": "c2", "problem": "Implement double(x).", "answer_kind": "code", "fn_name": "double",
+     "tests": [{"input": "4", "output": "8", "testtype": "functional"}]},
+    {"id": "m1", "problem": "What is 12 plus 30?", "answer": "42"},
+]
+
+
+def test_code_reward_next_to_the_grader_in_one_batch(tmp_path):
+    from sandlab.config import CodeRewardMode, CodeVerifyConfig
+    from sandlab.train.grpo import CodeReward
+
+    path = tmp_path / "mixed.jsonl"
+    path.write_text("".join(json.dumps(r) + "\n" for r in CODE_PROMPTS))
+    ds = load_rl_dataset(str(path), "")
+    assert ds["answer_kind"] == ["code", "code", "math"] and json.loads(ds[1]["tests"])[0]["testtype"] == "functional"
+    rows = [ds[0], ds[0], ds[1], ds[2], ds[2]]
+    completions = ["```python\na, b = map(int, input().split())\nprint(a + b)\n```",
+                   "```python\na, b = map(int, input().split())\nprint(a + b if a < 5 else 0)\n```",
+                   "```python\ndef double(x):\n    return 2 * x\n```", "\\boxed{42}", "\\boxed{41}"]
+    batch = {key: [r[key] for r in rows] for key in ("answer", "answer_kind", "tests", "fn_name")}
+    code, fraction, grader = (CodeReward(CodeVerifyConfig(workers=1, timeout_s=3)), CodeReward(CodeVerifyConfig(workers=1, timeout_s=3), CodeRewardMode.pass_fraction),
+                              GraderReward())
+    try:
+        assert code(completions, **batch) == [1.0, 0.0, 1.0, None, None]  # binary: every test must pass
+        assert fraction(completions, **batch) == [1.0, 0.5, 1.0, None, None]
+        assert grader(completions, **batch) == [None, None, None, 1.0, 0.0]
+    finally:
+        for reward in (code, fraction, grader):
+            reward.close()
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text(json.dumps({"problem": "Write code.", "answer_kind": "code"}) + "\n")
+    with pytest.raises(ConfigError, match="code prompt without tests"):
+        load_rl_dataset(str(bad), "")
+
+
+@pytest.mark.slow
+def test_grpo_trains_a_tiny_model_on_code_and_math_prompts(tiny_model_path, tmp_path):
+    path = tmp_path / "mixed.jsonl"
+    path.write_text("".join(json.dumps(r) + "\n" for r in CODE_PROMPTS[:2] + CODE_PROMPTS[2:] * 2))
+    run_dir = tmp_path / "run"
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "WANDB_MODE": "offline"}
+    result = subprocess.run([sys.executable, "-m", "sandlab.launch.cli", "--config-name", "tiny", "+rl=cpu_tiny", f"rl.init_from={tiny_model_path}",
+                             "stages=[grpo]", f"rl.dataset_path={path}", "rl.stages=[{max_completion_length: 16, learning_rate: 1.0e-5, max_steps: 2}]",
+                             "verify.workers=1", f"run.dir={run_dir}"], capture_output=True, text=True, cwd=ROOT, env=env, timeout=900)
+    assert result.returncode == 0, result.stderr[-3000:]
+    log = result.stdout + result.stderr
+    assert "rewards/code_reward/mean" in log and "rewards/grader_reward/mean" in log
+    assert (run_dir / "checkpoints/grpo/stage-0/stage.done").exists()

@@ -26,6 +26,9 @@ CASES = {
     "openr1_math.jsonl": ("openr1_math", 3, "Subtract 3: 2x = 8", "4"),
     "openthoughts.json": ("openthoughts", 2, "5 squared is 5 times 5", None),
     "openthoughts_metadata.jsonl": ("openthoughts_metadata", 2, "hex means six", "6"),
+    "livecodebench_lite.jsonl": ("livecodebench", 6, "", None),  # code problems without traces (tests/test_code_data.py)
+    "apps.jsonl": ("apps", 3, "", None),
+    "openr1_code.jsonl": ("openr1_code", 2, "", None),
     "messages.jsonl": ("messages", 2, "8 - 5 = 3.", None),
     "prompt_completion.jsonl": ("prompt_completion", 3, "adding 3 gives 3", None),
     "alpaca.jsonl": ("alpaca", 2, "a greeting: bonjour", None),

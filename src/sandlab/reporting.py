@@ -169,9 +169,27 @@ def write_results(results: dict[str, dict[str, dict[str, Any]]], funnel: list[di
         for model, per_bench in results.items():
             cells = [_pass_cell(per_bench[b]) if b in per_bench else "-" for b in benchmarks]
             lines.append(f"| {model} | " + " | ".join(cells) + " |")
+        lines += _code_breakdown(results)
     text = "\n".join(lines) + "\n"
     (run_dir / "report.md").write_text(text)
     return text
+
+
+def _code_breakdown(results: dict[str, dict[str, dict[str, Any]]]) -> list[str]:
+    """Code benchmarks: pass@1 by difficulty and platform, sandbox failures, and whether code ran unsandboxed."""
+    rows = []
+    for model, per_bench in results.items():
+        for bench, m in per_bench.items():
+            if "infra_errors" not in m:
+                continue
+            groups = [f"{key.removeprefix('by_')} {value}: {g['pass@1']:.1f} ({g['items']})" for key in ("by_difficulty", "by_platform")
+                      for value, g in m.get(key, {}).items()]
+            notes = [f"{m['infra_errors']} sandbox failures not scored"] if m["infra_errors"] else []
+            notes += [] if m.get("sandboxed", True) else ["UNSANDBOXED"]
+            rows.append(f"| {model} | {bench} | {'; '.join(groups) or '-'} | {', '.join(notes) or '-'} |")
+    if not rows:
+        return []
+    return ["", "## Code benchmarks (pass@1 % by group, items in brackets)", "", "| model | benchmark | breakdown | notes |", "|---|---|---|---|", *rows]
 
 
 def _fmt(value: float | None) -> str:

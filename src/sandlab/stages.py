@@ -175,6 +175,7 @@ class StageContext:
         self.selected: list[str] = []  # the stages this process runs
         self._teacher = None
         self._pool = None
+        self._code_verifier = None
 
     @property
     def teacher(self):
@@ -192,8 +193,20 @@ class StageContext:
             self._pool = GradingPool(timeout_s=self.cfg.eval.grading_timeout_s)
         return self._pool
 
+    @property
+    def code_verifier(self):
+        """The sandboxed test runner (``cfg.verify``); its canary check runs on first use."""
+        if self._code_verifier is None:
+            from sandlab.verification import CodeVerifier  # noqa: PLC0415
+
+            self._code_verifier = CodeVerifier.from_config(self.cfg.verify)
+        return self._code_verifier
+
     def close(self) -> None:
-        """Free the teacher engine (its GPU/CPU memory) and the grading workers."""
+        """Free the teacher engine (its GPU/CPU memory), the grading workers and the sandboxes."""
+        if self._code_verifier is not None:
+            self._code_verifier.close()
+            self._code_verifier = None
         if self._teacher is not None:
             self._teacher.close()
             self._teacher = None

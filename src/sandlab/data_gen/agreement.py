@@ -2,7 +2,8 @@
 
 Modes (``data.agreement.mode``): ``majority`` (seedless SAND: the answers of k solutions, plus the
 teacher's reference answer, must agree), ``reference`` (distillation: solutions must match a known
-answer) and ``single`` (open-ended tasks: keep the first complete response).
+answer), ``single`` (open-ended tasks: keep the first complete response) and ``tests`` (code: a
+solution must pass every test case in the sandbox, ``filter_by_tests``).
 
 With ``llm_judge`` the teacher steps in where the grader cannot: it reads off the final answer of a
 complete solution that states none in an extractable form, and decides whether two textual answers
@@ -13,6 +14,7 @@ from __future__ import annotations
 
 import re
 from pathlib import Path
+from typing import Any
 
 from sandlab.config import AgreementStage, AnswerRule
 from sandlab.data_gen.prompts import load_prompt
@@ -162,6 +164,47 @@ def filter_by_reference(records: list[Record], cfg: AgreementStage, pool: Gradin
             kept.append({**rec, **stats, "agreement": len(matches) / len(rec["solutions"]), "answer": str(rec["reference_answer"]), "solution": matches[0]["text"]})
         else:
             dropped.append({**rec, **stats, "reason": "reference_mismatch"})
+    return kept, dropped
+
+
+def filter_by_tests(records: list[Record], cfg: AgreementStage, verifier: Any) -> tuple[list[Record], list[Record]]:
+    """Code problems: keep one when at least ``min_votes`` solutions pass every test (``verifier``, a
+    ``sandlab.verification.CodeVerifier``); the first passing solution becomes the trace. A sandbox
+    failure (infra_error) says nothing about the code, so it is no fail: a problem without enough
+    passes and with such a failure is dropped as ``infra_error``, not ``tests_failed``. Truncated
+    solutions are not run (a cut trace is no training data)."""
+    from sandlab.errors import ConfigError  # noqa: PLC0415
+    from sandlab.verification import CodeItem  # noqa: PLC0415
+    from sandlab.verification.testcases import normalize_tests  # noqa: PLC0415
+
+    plans, items, dropped = [], [], []
+    for rec in records:
+        raw = rec.get("tests") or rec.get("test_cases")
+        if not raw:
+            dropped.append({**rec, "reason": "no_tests"})
+            continue
+        try:
+            tests, fn_name = normalize_tests(raw, rec.get("fn_name"), where=f"record {rec['id']}")
+        except ConfigError as exc:
+            dropped.append({**rec, "reason": "malformed_tests", "detail": str(exc)})
+            continue
+        runs = [i for i, s in enumerate(rec["solutions"]) if s.get("finish_reason") != "length"]
+        plans.append((rec, runs, len(items)))
+        items.extend(CodeItem(rec["solutions"][i].get("text") or "", tuple(tests), fn_name) for i in runs)
+    results = verifier.verify_many(items, desc="verify against tests") if items else []
+    kept = []
+    for rec, runs, start in plans:
+        verdicts = dict(zip(runs, results[start:start + len(runs)]))
+        solutions = [{**s, "verification": {k: v for k, v in verdicts[i].to_dict().items() if k != "statuses"}} if i in verdicts else dict(s)
+                     for i, s in enumerate(rec["solutions"])]
+        passed = [i for i in runs if verdicts[i].passed]
+        infra = sum(verdicts[i].infra_error for i in runs)
+        stats = {"verified": len(passed), "total_votes": len(rec["solutions"]), **({"infra_errors": infra} if infra else {})}
+        if len(passed) >= cfg.min_votes:
+            kept.append({**rec, "solutions": solutions, **stats, "agreement": round(len(passed) / len(rec["solutions"]), 4), "answer": None,
+                         "solution": rec["solutions"][passed[0]]["text"]})
+        else:
+            dropped.append({**rec, "solutions": solutions, **stats, "reason": "infra_error" if infra else "tests_failed"})
     return kept, dropped
 
 

@@ -14,8 +14,9 @@ from sandlab.stages import Kind, Stage, StageContext, data_stage_names
 
 def to_sft_example(rec: Record, cfg: ExportStage) -> Record:
     solution = rec["solution"].strip()
-    # The trace must end in the target answer format; open-ended tasks (answer None) have none.
-    if rec.get("answer") is not None and last_boxed(solution) is None:
+    # The trace must end in the target answer format; open-ended tasks and code (answer None) have none.
+    code = rec.get("answer_kind") == "code"
+    if rec.get("answer") is not None and not code and last_boxed(solution) is None:
         solution += f"\n\nThe final answer is \\boxed{{{rec['answer']}}}."
     prompt = []
     if cfg.system_prompt:
@@ -23,11 +24,13 @@ def to_sft_example(rec: Record, cfg: ExportStage) -> Record:
     prompt.append({"role": "user", "content": rec["problem"]})
     return {
         "id": rec["id"],
-        "variant": rec.get("variant") or cfg.variant,
+        "variant": rec.get("variant") or ("code" if code else cfg.variant),
         "prompt": prompt,
         "completion": [{"role": "assistant", "content": solution}],
         "answer": rec.get("answer"),
         "source": {k: rec.get(k) for k in ("domain", "branch", "topic", "secondary_branch", "task", "answer_kind", "teacher", "agreement")},
+        # Code rows keep their tests, so the export also serves as GRPO prompts (the code reward runs them).
+        **({"answer_kind": "code", "tests": rec["tests"], "fn_name": rec.get("fn_name")} if code and rec.get("tests") else {}),
     }
 
 

@@ -32,6 +32,8 @@ STYLES = ("math", "mcq", "general")
 LETTERS = "ABCD"
 # How each style's answers are compared by the shared grader; general tasks have none.
 ANSWER_KIND = {"math": "math", "mcq": "mcq", "general": "open"}
+# What a code problem carries from its source to the solve and filter stages (data.agreement.mode=tests).
+CODE_FIELDS = ("tests", "fn_name", "starter_code", "difficulty", "platform", "contest_date")
 
 
 def build_requests(cfg: GenerationStage, root: Path, seed: int) -> list[Record]:
@@ -64,11 +66,13 @@ def load_source_problems(cfg: GenerationStage) -> list[Record]:
     (.json/.jsonl/.jsonl.zst/.parquet) or a Hub dataset (``source_config``, ``source_split``). A known
     dataset format (``source_format``, auto-detected: SAND-MATH, AM-DeepSeek-R1-Distilled, OpenR1-Math,
     OpenThoughts, ...) is read by ``sandlab.readers``; any other rows (and sandlab's own SFT export) by
-    ``problem_field`` / ``answer_field``. Rows without a problem or a reference are dropped, counted in the log."""
+    ``problem_field`` / ``answer_field``. Rows without a problem or a reference are dropped, counted in the log.
+    Code problems (LiveCodeBench, APPS/TACO, open-r1, AM rows with test cases) keep ``answer_kind: code``,
+    their normalized ``tests`` and ``CODE_FIELDS``; ``source_filter`` keeps the records whose fields match."""
     import logging  # noqa: PLC0415
 
     from sandlab.errors import ConfigError  # noqa: PLC0415
-    from sandlab.readers import GENERIC, READERS, detect_format, load_rows, records_from_rows  # noqa: PLC0415
+    from sandlab.readers import GENERIC, READERS, detect_format, load_rows, matches, records_from_rows  # noqa: PLC0415
 
     log = logging.getLogger(__name__)
     source = cfg.source or ""
@@ -90,24 +94,28 @@ def load_source_problems(cfg: GenerationStage) -> list[Record]:
         if by_fields and fmt in GENERIC:  # problem_field/answer_field name the fields: as before readers
             fmt = "auto"
     if fmt in READERS:
-        result = records_from_rows(rows, fmt, where=f"data.generate.source={source}")
+        result = records_from_rows(rows, fmt, where=f"data.generate.source={source}", filter=cfg.source_filter)
         records, seen, unchecked = [], set(), 0
         for r in result.records:  # OpenR1: one record per correct generation, one problem here
             if r["problem"] in seen:
                 continue
             seen.add(r["problem"])
-            if r["reference_answer"] is None and not r["test_cases"]:
+            if r["reference_answer"] is None and not r["test_cases"] and not r.get("tests"):
                 unchecked += 1
                 continue
+            code = r.get("answer_kind") == "code"
             records.append({"id": r["id"], "domain": cfg.domain, "problem": r["problem"], "reference_answer": r["reference_answer"],
-                            "reference_solution": None, "answer_kind": ANSWER_KIND.get(cfg.style, "math"), "source_dataset": source,
-                            **({"test_cases": r["test_cases"]} if r["test_cases"] else {})})
+                            "reference_solution": None, "answer_kind": "code" if code else ANSWER_KIND.get(cfg.style, "math"), "source_dataset": source,
+                            **({"test_cases": r["test_cases"]} if r["test_cases"] else {}),
+                            **({k: r[k] for k in CODE_FIELDS if k in r} if code else {})})
         if unchecked or result.dropped:
             log.warning("data.generate.source=%s (%s): %d problems kept; dropped %d without a reference answer or test cases, %d unreadable rows %s",
                         source, result.format, len(records), unchecked, len(result.dropped), result.reasons() or "")
         return records
     records = []
     for i, row in enumerate(rows):
+        if not matches(cfg.source_filter, row, row):
+            continue
         conversation = row.get("prompt") if isinstance(row.get("prompt"), list) else None  # an SFT export row
         if (cfg.problem_field not in row and not conversation) or cfg.answer_field not in row:
             raise ConfigError(f"data.generate.source row {i + 1} lacks {cfg.problem_field!r} or {cfg.answer_field!r}; set data.generate.problem_field/answer_field")

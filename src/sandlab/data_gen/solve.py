@@ -22,8 +22,10 @@ def solve_problems(backend: ChatBackend, problems: list[Record], cfg: SolveStage
         solutions = [
             {
                 "text": c.text,
-                # multi: a solution that boxes several answers votes for their set, not its last box.
-                "answer": extract_answer(c.text, problem.get("answer_kind", "math"), AnswerRule.multi) if c.ok and not c.truncated else None,
+                # multi: a solution that boxes several answers votes for their set, not its last box. Code has
+                # no answer to read off: its tests decide (data.agreement.mode=tests).
+                "answer": extract_answer(c.text, problem.get("answer_kind", "math"), AnswerRule.multi)
+                if c.ok and not c.truncated and problem.get("answer_kind") != "code" else None,
                 "finish_reason": c.finish_reason,
                 "completion_tokens": c.completion_tokens,
             }

@@ -5,7 +5,9 @@
   report "avg of 64" give it, and a bootstrap 95% interval over items;
 * unbiased pass@k (Chen et al. 2021): 1 - C(n-c, k) / C(n, k) per item, averaged;
 * maj@k: the most common extracted answer among the first k samples is right (ties: earliest);
-* mean output tokens, share truncated at the length limit, share without a parsable answer.
+* mean output tokens, share truncated at the length limit, share without a parsable answer;
+* code benchmarks: samples whose sandbox failed (``correct`` None) are left out and counted as
+  ``infra_errors``; maj@k is not defined (no extracted answer); pass@1 by ``difficulty`` and ``platform``.
 """
 
 from __future__ import annotations
@@ -60,8 +62,22 @@ def bootstrap_interval(values: list[float], *, iterations: int = 1000, seed: int
     return (lo, hi)
 
 
+def breakdown(samples: list[dict[str, Any]], key: str) -> dict[str, dict[str, float]]:
+    """pass@1 (percent, items weighted equally) and the item count per value of ``key`` (difficulty,
+    platform); items without the field are left out."""
+    groups: dict[str, list[float]] = {}
+    for group in group_by_item(samples).values():
+        value = group[0].get(key)
+        if value not in (None, ""):
+            groups.setdefault(str(value), []).append(statistics.fmean(float(s["correct"]) for s in group))
+    return {value: {"pass@1": 100.0 * statistics.fmean(rates), "items": len(rates)} for value, rates in sorted(groups.items())}
+
+
 def summarize(samples: list[dict[str, Any]], *, ks: tuple[int, ...] = (2, 4, 8, 16, 32, 64), seed: int = 0) -> dict[str, Any]:
     """All metrics of one benchmark, in percent where they are rates of correct answers."""
+    code = any("statuses" in s for s in samples)
+    infra = sum(s.get("correct") is None for s in samples)
+    samples = [s for s in samples if s.get("correct") is not None]
     by_item = group_by_item(samples)
     if not by_item:
         return {"items": 0, "samples": 0, "pass@1": 0.0}
@@ -80,8 +96,17 @@ def summarize(samples: list[dict[str, Any]], *, ks: tuple[int, ...] = (2, 4, 8, 
     for k in ks:
         if 1 < k <= n_min:
             metrics[f"pass@{k}"] = 100.0 * statistics.fmean(pass_at_k(len(g), sum(s["correct"] for s in g), k) for g in by_item.values())
-            metrics[f"maj@{k}"] = 100.0 * statistics.fmean(majority_correct(g, k) for g in by_item.values())
+            if not code:
+                metrics[f"maj@{k}"] = 100.0 * statistics.fmean(majority_correct(g, k) for g in by_item.values())
     metrics["mean_output_tokens"] = statistics.fmean(s["completion_tokens"] for s in samples)
     metrics["truncated_share"] = statistics.fmean(s["finish_reason"] == "length" for s in samples)
-    metrics["no_answer_share"] = statistics.fmean(s["pred"] is None for s in samples)
+    if code:
+        metrics["no_answer_share"] = statistics.fmean("no_code" in s["statuses"] for s in samples)
+        metrics["infra_errors"] = infra
+        for key in ("difficulty", "platform"):
+            groups = breakdown(samples, key)
+            if groups:
+                metrics[f"by_{key}"] = groups
+    else:
+        metrics["no_answer_share"] = statistics.fmean(s["pred"] is None for s in samples)
     return metrics

@@ -17,6 +17,7 @@ def model_for(ctx: StageContext, target: str) -> str:
 
 
 def run(ctx: StageContext) -> dict[str, Any]:
+    from sandlab.benchmarks import BENCHMARKS  # noqa: PLC0415
     from sandlab.eval.harness import evaluate_benchmark  # noqa: PLC0415
     from sandlab.inference import build_backend  # noqa: PLC0415
 
@@ -28,21 +29,24 @@ def run(ctx: StageContext) -> dict[str, Any]:
         template = ctx.path(cfg.model.chat_template) if target == "base" else None
         backend_cfg = dataclasses.replace(cfg.eval.backend, model=model_for(ctx, target), chat_template=template or cfg.eval.backend.chat_template)
         out = ctx.run.sub("eval", name.replace("/", "__"))
+        verifier = ctx.code_verifier if any(BENCHMARKS[b].kind == "code" for b in cfg.eval.benchmarks) else None
         with build_backend(backend_cfg) as backend:
-            results[name] = {b: evaluate_benchmark(backend, ctx.pool, b, cfg.eval, out / b) for b in cfg.eval.benchmarks}
+            results[name] = {b: evaluate_benchmark(backend, ctx.pool, b, cfg.eval, out / b, verifier) for b in cfg.eval.benchmarks}
     write_json(ctx.run.path / "eval" / "results.json", results)
     return {"models": list(results)}
 
 
 def preflight(ctx: StageContext) -> None:
-    from sandlab.benchmarks import load_benchmark  # noqa: PLC0415
+    from sandlab.benchmarks import CODE_BENCHMARKS, load_benchmark  # noqa: PLC0415
     from sandlab.models import resolve_model_path  # noqa: PLC0415
 
     targets = [target for _, target in ctx.eval_models()]
     if "base" in targets:
         resolve_model_path(ctx.cfg.model.path, what="model.path")
     for name in ctx.cfg.eval.benchmarks:
-        load_benchmark(name, limit=1)
+        load_benchmark(name, limit=1, livecodebench=ctx.cfg.eval.livecodebench)
+    if any(name in CODE_BENCHMARKS for name in ctx.cfg.eval.benchmarks):
+        ctx.code_verifier  # noqa: B018 (its sandbox canary: one line before any model loads)
     if "tuned" in targets and "train" not in ctx.selected and not ctx.tuned_dir().exists():
         raise EmptyDatasetError(f"eval.models has 'tuned' but {ctx.tuned_dir()} does not exist; train first or set run.dir to a trained run")
 

@@ -13,7 +13,13 @@ import yaml
 from sandlab.errors import ConfigError
 
 PUBLISHED = Path(__file__).resolve().parents[3] / "eval" / "published.yaml"
-LABELS = {"aime24": "AIME24", "aime25": "AIME25", "math500": "MATH500", "gpqa_diamond": "GPQA"}
+LABELS = {"aime24": "AIME24", "aime25": "AIME25", "math500": "MATH500", "gpqa_diamond": "GPQA", "livecodebench": "LiveCodeBench",
+          "humaneval": "HumanEval"}
+
+
+def table_benchmarks(table: str, published: dict[str, Any]) -> list[str]:
+    """A table's columns: its own ``benchmarks`` (AM-Thinking's code column), else the file's."""
+    return list(published["tables"][table].get("benchmarks") or published["benchmarks"])
 
 
 def load_published(path: Path = PUBLISHED) -> dict[str, Any]:
@@ -30,7 +36,7 @@ def table_rows(table: str, measured: dict[str, dict[str, dict[str, Any]]], publi
     paper_rows = {r["model"]: r for r in published["tables"][table]["rows"]}
     for name in [*paper_rows, *(m for m in measured if m not in paper_rows)]:
         row: dict[str, Any] = {"model": name}
-        for bench in published["benchmarks"]:
+        for bench in table_benchmarks(table, published):
             paper = paper_rows.get(name, {}).get(bench)
             got = measured.get(name, {}).get(bench)
             value = got["pass@1"] if got else None
@@ -62,12 +68,14 @@ def write_table(table: str, measured: dict[str, dict[str, dict[str, Any]]], out_
     if len(protocols) > 1:  # never mix protocols silently
         raise ConfigError(f"measured results come from several protocols {protocols}; tabulate one protocol at a time")
     rows = table_rows(table, measured, published)
-    benches = published["benchmarks"]
+    benches = table_benchmarks(table, published)
     out_dir.mkdir(parents=True, exist_ok=True)
-    title = published["tables"][table]["title"]
+    spec = published["tables"][table]
+    title = spec["title"]
     protocol = protocols[0] if protocols else "none"
     lines = [f"# {title}", "", f"Measured pass@1 with the `{protocol}` protocol (published, difference, whether the published value lies in the "
-             f"measured bootstrap 95% interval). Published numbers: {published['source']}; they use AMD's protocol (`paper`).", "",
+             f"measured bootstrap 95% interval). Published numbers: {spec.get('source', published['source'])}; they use the "
+             f"`{spec.get('protocol', 'paper')}` protocol.", "",
              "| model | " + " | ".join(LABELS.get(b, b) for b in benches) + " |", "|---" * (len(benches) + 1) + "|"]
     lines += [f"| {r['model']} | " + " | ".join(_cell(r[b]) for b in benches) + " |" for r in rows]
     (out_dir / f"{table}.md").write_text("\n".join(lines) + "\n")

@@ -19,7 +19,17 @@ from pathlib import Path
 from typing import Any
 
 from sandlab.errors import ConfigError
-from sandlab.readers import am_distilled, generic, openr1_math, openthoughts, sand_math, sand_post_training
+from sandlab.readers import (
+    am_distilled,
+    apps,
+    generic,
+    livecodebench,
+    openr1_code,
+    openr1_math,
+    openthoughts,
+    sand_math,
+    sand_post_training,
+)
 from sandlab.readers.base import Dropped, Reader, render_trace, split_reasoning
 from sandlab.records import Record
 
@@ -27,7 +37,8 @@ log = logging.getLogger(__name__)
 
 # Detection order: the specific formats first (their fields are supersets of the generic ones).
 READERS: dict[str, Reader] = {r.name: r for r in (am_distilled.READER, openr1_math.READER, *openthoughts.READERS, sand_math.READER,
-                                                    sand_post_training.READER, *generic.READERS)}
+                                                    sand_post_training.READER, livecodebench.READER, apps.READER, openr1_code.READER,
+                                                    *generic.READERS)}
 FORMATS = ("auto", *READERS)
 GENERIC = tuple(r.name for r in generic.READERS)  # chat formats without dataset-specific fields
 SUFFIXES = (".jsonl.zst", ".jsonl", ".json", ".parquet")

@@ -1,7 +1,10 @@
 """GRPO with TRL on verifiable problems (AM-Thinking-v1 style).
 
 * Reward: 1.0 when the shared grader (math-verify, or the option letter for multiple choice) accepts
-  the completion's final answer, else 0.0; optionally the DAPO soft overlong punishment.
+  the completion's final answer, else 0.0; for code prompts (``answer_kind: code`` with ``tests``), 1.0
+  when the completion's code passes every test in the sandbox (or the pass fraction); each reward
+  function returns None for the other domain's prompts, so TRL adds up only the one that applies;
+  optionally the DAPO soft overlong punishment.
 * Prompts: records with a ``problem`` (or a ``prompt`` conversation) and an ``answer``, usually the
   output of the ``passrate`` data stage run with the SFT model as student (keeps 0 < pass rate < 1).
 * Stages: each ``rl.stages`` entry is one GRPOTrainer run with its own completion limit and learning
@@ -10,12 +13,13 @@
 
 from __future__ import annotations
 
+import json
 import logging
 import shutil
 from pathlib import Path
 from typing import Any
 
-from sandlab.config import OverlongPolicy, RLConfig, RLStage
+from sandlab.config import CodeRewardMode, CodeVerifyConfig, OverlongPolicy, RLConfig, RLStage
 from sandlab.errors import ConfigError, EmptyDatasetError
 from sandlab.records import read_jsonl
 
@@ -30,8 +34,12 @@ def load_rl_dataset(path: str, system_prompt: str):
         raise EmptyDatasetError(f"GRPO prompts {path} do not exist; run the passrate stage or set rl.dataset_path")
     rows = []
     for i, rec in enumerate(read_jsonl(path)):
+        kind = rec.get("answer_kind") or (rec.get("source") or {}).get("answer_kind") or "math"
         answer = rec.get("answer") if rec.get("answer") is not None else rec.get("reference_answer")
-        if answer is None:
+        tests = rec.get("tests") or []
+        if kind == "code" and not tests:
+            raise ConfigError(f"GRPO prompts {path}: record {i + 1} is a code prompt without tests")
+        if kind != "code" and answer is None:
             raise ConfigError(f"GRPO prompts {path}: record {i + 1} has no answer (open-ended tasks cannot be rewarded)")
         if isinstance(rec.get("prompt"), list):
             prompt = [m for m in rec["prompt"] if m["role"] != "assistant"]
@@ -39,15 +47,21 @@ def load_rl_dataset(path: str, system_prompt: str):
             prompt = ([{"role": "system", "content": system_prompt}] if system_prompt else []) + [{"role": "user", "content": rec["problem"]}]
         else:
             raise ConfigError(f"GRPO prompts {path}: record {i + 1} has neither 'problem' nor a 'prompt' conversation")
-        kind = rec.get("answer_kind") or (rec.get("source") or {}).get("answer_kind") or "math"
-        rows.append({"prompt": prompt, "answer": str(answer), "answer_kind": kind})
+        # Tests as JSON text: one column type for math rows (empty) and code rows alike.
+        rows.append({"prompt": prompt, "answer": "" if answer is None else str(answer), "answer_kind": kind,
+                     "tests": json.dumps(tests) if kind == "code" else "", "fn_name": rec.get("fn_name") or ""})
     if not rows:
         raise EmptyDatasetError(f"GRPO prompts {path} are empty")
     return datasets.Dataset.from_list(rows)
 
 
+def _texts(completions: list[Any]) -> list[str]:
+    return [c[-1]["content"] if isinstance(c, list) else c for c in completions]
+
+
 class GraderReward:
-    """TRL reward function: the shared grader's verdict on each completion (1.0 / 0.0)."""
+    """TRL reward function: the shared grader's verdict on each completion (1.0 / 0.0); None for code
+    prompts, which CodeReward scores."""
 
     __name__ = "grader_reward"
 
@@ -56,19 +70,57 @@ class GraderReward:
 
         self.pool = GradingPool(timeout_s=timeout_s)
 
-    def __call__(self, completions: list[Any], answer: list[str], answer_kind: list[str] | None = None, **_: Any) -> list[float]:
+    def __call__(self, completions: list[Any], answer: list[str], answer_kind: list[str] | None = None, **_: Any) -> list[float | None]:
         from sandlab.grading import GradeItem  # noqa: PLC0415
 
-        texts = [c[-1]["content"] if isinstance(c, list) else c for c in completions]
+        texts = _texts(completions)
         kinds = answer_kind or ["math"] * len(texts)
-        grades = self.pool.grade_many([GradeItem(response=t, gold=a, kind=k) for t, a, k in zip(texts, answer, kinds)])
-        return [1.0 if g.correct else 0.0 for g in grades]
+        mine = [i for i, k in enumerate(kinds) if k != "code"]
+        grades = self.pool.grade_many([GradeItem(response=texts[i], gold=answer[i], kind=kinds[i]) for i in mine])
+        rewards: list[float | None] = [None] * len(texts)
+        for i, g in zip(mine, grades):
+            rewards[i] = 1.0 if g.correct else 0.0
+        return rewards
 
     def close(self) -> None:
         self.pool.close()
 
 
-def grpo_arguments(cfg: RLConfig, stage: RLStage, *, output_dir: str, run_name: str, seed: int, report_to: list[str]) -> dict[str, Any]:
+class CodeReward:
+    """TRL reward function for code prompts: the completion's last ```python block run against the
+    prompt's tests in the sandbox; 1.0 only when every test passes (``binary``, AM-Thinking-v1) or the
+    pass fraction. None for other prompts, and for a sandbox failure (never scored as a wrong answer)."""
+
+    __name__ = "code_reward"
+
+    def __init__(self, verify: CodeVerifyConfig, mode: CodeRewardMode = CodeRewardMode.binary):
+        from sandlab.verification import CodeVerifier  # noqa: PLC0415
+
+        self.mode = CodeRewardMode(mode)
+        self.verifier = CodeVerifier.from_config(verify)
+
+    def __call__(self, completions: list[Any], answer_kind: list[str] | None = None, tests: list[str] | None = None,
+                 fn_name: list[str] | None = None, **_: Any) -> list[float | None]:
+        from sandlab.verification import CodeItem, TestCase  # noqa: PLC0415
+
+        texts = _texts(completions)
+        kinds = answer_kind or ["math"] * len(texts)
+        mine = [i for i, k in enumerate(kinds) if k == "code"]
+        fraction = self.mode == CodeRewardMode.pass_fraction
+        items = [CodeItem(texts[i], tuple(TestCase(**t) for t in json.loads(tests[i])), fn_name[i] or None if fn_name else None, fraction)
+                 for i in mine]
+        rewards: list[float | None] = [None] * len(texts)
+        for i, result in zip(mine, self.verifier.verify_many(items)):
+            if not result.infra_error:
+                rewards[i] = result.pass_frac if fraction else float(result.passed)
+        return rewards
+
+    def close(self) -> None:
+        self.verifier.close()
+
+
+def grpo_arguments(cfg: RLConfig, stage: RLStage, *, output_dir: str, run_name: str, seed: int, report_to: list[str],
+                   code_reward: bool = False) -> dict[str, Any]:
     """The trl.GRPOConfig keyword arguments of one stage: rl.trl as given, plus what sandlab sets itself
     (the run, the stage's length and learning rate, the batch of completions, the overlong policy,
     model loading)."""
@@ -90,23 +142,25 @@ def grpo_arguments(cfg: RLConfig, stage: RLStage, *, output_dir: str, run_name: 
         "mask_truncated_completions": cfg.overlong == OverlongPolicy.mask,
         "model_init_kwargs": model_init_kwargs(cfg.attn_implementation, cfg.trl),
     }
-    if cfg.overlong == OverlongPolicy.penalty:  # the grader's reward and the soft overlong punishment
-        kwargs["reward_weights"] = [1.0, 1.0]
+    functions = 1 + int(code_reward) + int(cfg.overlong == OverlongPolicy.penalty)
+    if functions > 1:  # the grader's reward, the code reward (each None off its domain), the soft overlong punishment
+        kwargs["reward_weights"] = [1.0] * functions
     return kwargs
 
 
-def build_grpo_config(cfg: RLConfig, stage: RLStage, *, output_dir: str, run_name: str, seed: int, report_to: list[str]):
+def build_grpo_config(cfg: RLConfig, stage: RLStage, *, output_dir: str, run_name: str, seed: int, report_to: list[str], code_reward: bool = False):
     from trl import GRPOConfig  # noqa: PLC0415
 
     from sandlab.train.sft import trl_args  # noqa: PLC0415
     from sandlab.train.validate import GRPO_RESERVED, check_trl_keys  # noqa: PLC0415
 
     check_trl_keys(cfg.trl, GRPOConfig, where="rl.trl", reserved=GRPO_RESERVED)
-    return trl_args(GRPOConfig, grpo_arguments(cfg, stage, output_dir=output_dir, run_name=run_name, seed=seed, report_to=report_to))
+    return trl_args(GRPOConfig, grpo_arguments(cfg, stage, output_dir=output_dir, run_name=run_name, seed=seed, report_to=report_to,
+                                               code_reward=code_reward))
 
 
 def run_grpo(model_path: str, dataset_path: str, cfg: RLConfig, *, output_dir: str, run_name: str, seed: int, report_to: list[str],
-             grading_timeout_s: float = 5.0) -> str:
+             grading_timeout_s: float = 5.0, verify: CodeVerifyConfig | None = None) -> str:
     """Run every GRPO stage in order; returns the final stage's checkpoint directory."""
     from transformers import AutoTokenizer  # noqa: PLC0415
     from trl import GRPOTrainer  # noqa: PLC0415
@@ -115,6 +169,7 @@ def run_grpo(model_path: str, dataset_path: str, cfg: RLConfig, *, output_dir: s
     from sandlab.train.checkpoints import latest_complete_checkpoint  # noqa: PLC0415
 
     dataset = load_rl_dataset(dataset_path, cfg.system_prompt)
+    has_code = "code" in set(dataset["answer_kind"])
     current = model_path
     for index, stage in enumerate(cfg.stages):
         stage_dir = Path(output_dir) / f"stage-{index}"
@@ -122,11 +177,14 @@ def run_grpo(model_path: str, dataset_path: str, cfg: RLConfig, *, output_dir: s
             log.info("GRPO stage %d already done in %s", index, stage_dir)
             current = str(stage_dir)
             continue
-        reward = GraderReward(grading_timeout_s)
-        rewards: list[Any] = [reward]
+        closers: list[Any] = [GraderReward(grading_timeout_s)]
+        if has_code:
+            closers.append(CodeReward(verify or CodeVerifyConfig(), cfg.code_reward))
+        rewards: list[Any] = list(closers)
         if cfg.overlong == OverlongPolicy.penalty:
             rewards.append(get_soft_overlong_punishment(stage.max_completion_length, min(cfg.overlong_buffer, stage.max_completion_length // 2)))
-        args = build_grpo_config(cfg, stage, output_dir=str(stage_dir), run_name=f"{run_name}-stage{index}", seed=seed, report_to=report_to)
+        args = build_grpo_config(cfg, stage, output_dir=str(stage_dir), run_name=f"{run_name}-stage{index}", seed=seed, report_to=report_to,
+                                 code_reward=has_code)
         tokenizer = AutoTokenizer.from_pretrained(current)
         trainer = GRPOTrainer(model=current, reward_funcs=rewards, args=args, train_dataset=dataset, processing_class=tokenizer)
         last = latest_complete_checkpoint(stage_dir)
@@ -135,7 +193,8 @@ def run_grpo(model_path: str, dataset_path: str, cfg: RLConfig, *, output_dir: s
         try:
             trainer.train(resume_from_checkpoint=str(last) if last else None)
         finally:
-            reward.close()
+            for reward in closers:
+                reward.close()
         trainer.save_model(str(stage_dir))
         if trainer.accelerator.is_main_process:
             tokenizer.save_pretrained(str(stage_dir))

@@ -89,7 +89,7 @@ def run_grpo(ctx: StageContext) -> dict[str, Any] | None:
         from sandlab.train.grpo import run_grpo as train_grpo  # noqa: PLC0415
 
         train_grpo(start, dataset, r, output_dir=str(ctx.grpo_dir()), run_name=f"{cfg.recipe}-grpo", seed=cfg.run.seed,
-                   report_to=["wandb"] if cfg.wandb.mode != "disabled" else [], grading_timeout_s=cfg.eval.grading_timeout_s)
+                   report_to=["wandb"] if cfg.wandb.mode != "disabled" else [], grading_timeout_s=cfg.eval.grading_timeout_s, verify=cfg.verify)
     if not is_main_process():
         return None
     return {"model": start, "dataset": dataset, "output": str(ctx.grpo_final())}
