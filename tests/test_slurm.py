@@ -95,13 +95,16 @@ def test_demo_recipe_jobs_on_slurm(slurm_cluster, tmp_path):
            # same code as for SmolLM2 at a twentieth of the size (a 135M ZeRO-3 checkpoint is ~2 GB on disk).
            "model=tiny_random",
            # accelerate + DeepSpeed ZeRO-3 with 2 processes
-           "train=cpu_zero3", "train.trl.max_steps=4", "train.trl.save_steps=2", "+train.trl.save_total_limit=1",
+           "train=cpu_zero3", f"train.trl.max_steps={TRAIN_STEPS}", "train.trl.save_steps=2", "+train.trl.save_total_limit=1",
            # one evaluated model (one vLLM engine start in the eval job)
            "eval.models=[tuned]", "eval.limit=2", "eval.sampling.default.max_tokens=48"]
     try:
         check_demo_jobs(cmd, run_dir)
     finally:
         shutil.rmtree(run_dir / "checkpoints", ignore_errors=True)  # gigabytes of ZeRO shards
+
+
+TRAIN_STEPS = 12  # of the demo's training job (a checkpoint every 2)
 
 
 def check_demo_jobs(cmd: list[str], run_dir: Path) -> None:
@@ -111,15 +114,16 @@ def check_demo_jobs(cmd: list[str], run_dir: Path) -> None:
     assert list(ids) == ["demo-serve", "demo-data-array", "demo-data", "demo-train", "demo-eval", "demo-stop-serve"], submitted.stdout
     assert "GPU-hour estimate" in submitted.stdout
 
-    # Requeue the training job once its first checkpoint is complete, as a preemption would.
+    # Requeue the training job once a checkpoint is complete, as a preemption would. Enough steps that a
+    # 3-second poll sees one before the job ends, on fast CPUs too.
     requeued = []
-    checkpoint = run_dir / "checkpoints" / "final" / "checkpoint-2"
 
     def requeue_after_checkpoint(records):
         train = records[ids["demo-train"]]
-        if not requeued and train and train[0].get("JobState") == "RUNNING" and (checkpoint / "trainer_state.json").exists():
+        done = sorted((run_dir / "checkpoints" / "final").glob("checkpoint-*/trainer_state.json"))
+        if not requeued and train and train[0].get("JobState") == "RUNNING" and done and int(done[-1].parent.name.split("-")[1]) < TRAIN_STEPS:
             subprocess.run(["scontrol", "requeue", ids["demo-train"]], check=True)
-            requeued.append(time.monotonic())
+            requeued.append(done[-1].parent.name)
 
     records = wait_for_jobs(list(ids.values()), timeout=1500, on_poll=requeue_after_checkpoint)
     states = {name: sorted({r.get("JobState") for r in records[job]}) for name, job in ids.items()}
@@ -136,11 +140,11 @@ def check_demo_jobs(cmd: list[str], run_dir: Path) -> None:
     assert (run_dir / "endpoints" / "teacher.txt").read_text() == ""  # the cancelled server took its URL out
     assert sorted(p.name for p in (run_dir / "partitions").iterdir()) == ["00000-of-00002", "00001-of-00002"]
     assert (run_dir / "sft" / "train.jsonl").read_text().strip()
-    # Training was requeued after checkpoint-2, resumed from it, and finished.
-    assert requeued, "the training job finished before its first checkpoint could be observed"
+    # Training was requeued after a checkpoint, resumed from a complete one, and finished.
+    assert requeued, "the training job finished before a checkpoint could be observed"
     train_log = (run_dir / "slurm" / "logs" / f"demo-train-{ids['demo-train']}.out").read_text()
-    assert "restart 1" in train_log and "resuming from" in train_log and "checkpoint-2" in train_log
-    assert json.loads((run_dir / "checkpoints/final/train_metrics.json").read_text())["global_step"] == 4
+    assert "restart 1" in train_log and re.search(r"resuming from \S*checkpoint-\d+", train_log)
+    assert json.loads((run_dir / "checkpoints/final/train_metrics.json").read_text())["global_step"] == TRAIN_STEPS
     results = json.loads((run_dir / "eval" / "results.json").read_text())
     assert set(results) == {"tuned"} and (run_dir / "report.md").exists()
 

@@ -41,7 +41,8 @@ BENCHMARKS = {
     "livecodebench": BenchmarkSpec("livecodebench", "livecodebench/code_generation_lite", None, "test", "code"),
 }
 CODE_BENCHMARKS = tuple(name for name, spec in BENCHMARKS.items() if spec.kind == "code")
-# code_generation_lite's files: each release adds one (release_v1 = test.jsonl, v2 = + test2.jsonl, ...).
+# code_generation_lite's files: each release adds one (release_v1 = test.jsonl, v2 = + test2.jsonl, ...), as the
+# ALLOWED_FILES of the dataset's former loading script, code_generation_lite.py, list them.
 LCB_FILES = ("test.jsonl", "test2.jsonl", "test3.jsonl", "test4.jsonl", "test5.jsonl", "test6.jsonl")
 HUMANEVAL_INSTRUCTION = ("Complete the following Python function. Give the whole function (with its imports) in a single "
                          "```python code block.\n\n```python\n{prompt}```")

@@ -97,49 +97,10 @@ def processes_of(uid: int) -> list[int]:
     return [pid for pid, real in _proc_uids() if real == uid]
 
 
-_PR_SET_CHILD_SUBREAPER = 36
-
-
-def become_subreaper() -> None:
-    """Adopt our descendants' orphans. Unprivileged bwrap with a pid namespace leaves its in-sandbox
-    pid 1 to exit after bwrap itself; it is reparented to the machine's init, and an init that does
-    not reap (a container's or a microVM's) keeps it as a zombie of the slot uid, which counts against
-    the slot's process limit until runs stop starting. As a subreaper this process reaps them itself."""
-    try:
-        import ctypes  # noqa: PLC0415
-
-        ctypes.CDLL(None, use_errno=True).prctl(_PR_SET_CHILD_SUBREAPER, 1, 0, 0, 0)
-    except (OSError, AttributeError):
-        log.debug("could not become a child subreaper")
-
-
-def reap_orphans() -> int:
-    """Reap zombie bwrap processes adopted by this process (see ``become_subreaper``); only those,
-    so no Popen's child is ever reaped behind its back."""
-    me, reaped = os.getpid(), 0
-    for entry in os.scandir("/proc"):
-        if not entry.name.isdigit():
-            continue
-        try:
-            with open(f"/proc/{entry.name}/status", "rb") as fh:
-                fields = dict(line.split(b":", 1) for line in fh.read().splitlines() if b":" in line)
-        except OSError:
-            continue
-        if fields.get(b"Name", b"").strip() == b"bwrap" and fields.get(b"State", b"").strip().startswith(b"Z") \
-                and int(fields.get(b"PPid", b"0")) == me:
-            try:
-                os.waitpid(int(entry.name), os.WNOHANG)
-                reaped += 1
-            except ChildProcessError:
-                pass
-    return reaped
-
-
 def wait_until_gone(uid: int, timeout_s: float = 2.0) -> list[int]:
-    """Processes of ``uid`` still there after reaping orphans for up to ``timeout_s``."""
+    """Processes of ``uid`` still there after up to ``timeout_s``."""
     deadline = time.monotonic() + timeout_s
     while True:
-        reap_orphans()
         left = processes_of(uid)
         if not left or time.monotonic() > deadline:
             return left
@@ -157,7 +118,6 @@ class Sandbox:
         self.tmp = Path(tempfile.mkdtemp(prefix="sandlab-verify-"))
         os.chmod(self.tmp, 0o711)  # the slot uids may enter their own directories, not list others
         self._free: queue.Queue[int] = queue.Queue()
-        become_subreaper()
         self.uids = [base + i if self.root else os.getuid() for i in range(slots)]
         for i in range(slots):
             for sub in (f"slot{i}", f"private{i}"):
@@ -195,7 +155,11 @@ class Sandbox:
         return [*parts, "--"]
 
     def _bwrap(self, slot: int, limits: Limits) -> list[str]:
-        cmd = ["bwrap", "--unshare-all", "--die-with-parent", "--new-session", "--cap-drop", "ALL", "--hostname", "sandbox",
+        # --as-pid-1: the harness is the namespace's pid 1 (its exit tears the namespace down). With
+        # bwrap's own init as pid 1 instead, unprivileged bwrap leaves that init to exit after bwrap
+        # itself, reparented to the machine's init, and an init that does not reap (a container's, a
+        # microVM's) keeps it as a zombie of the slot uid, counted against the slot's process limit.
+        cmd = ["bwrap", "--unshare-all", "--as-pid-1", "--die-with-parent", "--new-session", "--cap-drop", "ALL", "--hostname", "sandbox",
                "--ro-bind", "/usr", "/usr"]
         for top in ("/bin", "/sbin", "/lib", "/lib32", "/lib64", "/libx32"):
             if os.path.islink(top):
@@ -242,9 +206,8 @@ class Sandbox:
                 pass
 
     def _finish(self, proc: subprocess.Popen, slot: int) -> int:
-        """End a run and reap it. The sandbox's own processes go first, so the outer bwrap (our
-        child) reaps its pid 1; killing bwrap first would orphan that pid 1 into a zombie of the
-        slot's uid, and zombies count against the slot's process limit."""
+        """End a run and reap it: the sandbox's own processes go first, so bwrap (our child) sees its
+        pid 1 end and exits by itself; bwrap's process group last."""
         try:
             return proc.wait(timeout=0.5)  # the harness has ended: bwrap follows by itself
         except subprocess.TimeoutExpired:
@@ -272,7 +235,6 @@ class Sandbox:
         """Run the harness on ``job`` in ``slot``; ``on_result(i, event)`` returning True stops the run
         (the first failing test when no pass fraction is wanted)."""
         slot_dir, private = self.tmp / f"slot{slot}", self.tmp / f"private{slot}"
-        reap_orphans()
         read_fd, write_fd = os.pipe()
         argv, stdin_path = self.command(slot, limits, limits.timeout_s * (n_tests + 1) + 1, write_fd)
         job_path = slot_dir / "job.json"
@@ -409,5 +371,4 @@ class Sandbox:
         for slot, uid in enumerate(self.uids):
             if self.root and uid != os.getuid():
                 self.sweep(slot)
-        reap_orphans()
         shutil.rmtree(self.tmp, ignore_errors=True)
