@@ -200,3 +200,19 @@ def test_novelty_ivf_path_drops_near_copies_of_a_large_corpus():
     kept, dropped = filter_novelty(records, cfg, corpus_vectors=corpus, vectors=queries)
     assert [r["id"] for r in kept] == [f"q{i}" for i in range(50, 100)]
     assert [d["nearest_corpus_index"] for d in dropped] == [int(c) for c in copied]
+
+
+@pytest.mark.parametrize("branches, leaf", [
+    ("coding: {python: [write a function, ''], sql: 1}\n  physics: [optics]", "coding/python"),
+    ("coding: {python: [], sql: 1}\n  physics: [optics]", "coding/python"),
+    ("coding: {python: null, sql: 1}\n  physics: [optics]", "coding/python"),
+    ("coding: {python: 1}\n  physics: []", "'physics'"),
+    ("coding: {python: 1}\n  physics:", "'physics'"),
+    ("coding: {python: 1}\n  physics: [optics, null]", "physics"),
+])
+def test_a_taxonomy_with_an_empty_leaf_names_it_in_one_line(tmp_path, branches, leaf):
+    path = tmp_path / "bad.yaml"
+    path.write_text(f"domain: x\nbranches:\n  {branches}\n")
+    with pytest.raises(ConfigError, match="empty leaf") as err:
+        Taxonomy.load(path)
+    assert leaf in str(err.value) and "\n" not in str(err.value)

@@ -135,11 +135,14 @@ def general_teacher(body: dict) -> list[str]:
 
 @pytest.mark.slow
 def test_general_taxonomy_pipeline_end_to_end(tmp_path):
+    """lumina_general with the reward-model scorer in the pipeline: best of the complete responses, then the diversity report."""
     stub = ChatStub(general_teacher)
     run_dir = tmp_path / "run"
     try:
         result = run_sandlab("teacher=openai_servers", f"teacher.base_urls=[{stub.url}]", "teacher.model=stub", "data=lumina_general",
-                             "data.generate.num_problems=9", "stages=[generate,solve,filter,export]", f"run.dir={run_dir}", entry=("data_gen/run.py",))
+                             "data.generate.num_problems=9", "data.solve.k=2", "data.solve.sampling.n=2", "data.score.scorer=reward_model",
+                             "data.score.reward_model.model=embedded://tiny-random-reward", "data.score.threshold=null",
+                             "stages=[generate,solve,filter,score,diversity,export]", f"run.dir={run_dir}", entry=("data_gen/run.py",))
     finally:
         stub.close()
     assert result.returncode == 0, result.stderr[-2000:]
@@ -151,6 +154,11 @@ def test_general_taxonomy_pipeline_end_to_end(tmp_path):
         assert row["completion"][0]["content"].endswith(f"Here is help for request {number}.")  # no \boxed appended
         assert row["answer"] is None and row["source"]["task"] and row["variant"] == "general"
         assert [m["role"] for m in row["prompt"]] == ["user"]  # no system prompt for general chat data
+    scored = [json.loads(line) for line in (run_dir / "data/score.jsonl").read_text().splitlines()]
+    assert len(scored) == 6 and all(r["scored_by"] == "reward_model:embedded://tiny-random-reward" and r["score"] == max(r["candidate_scores"])
+                                    for r in scored)
+    diversity = json.loads((run_dir / "data/diversity.json").read_text())
+    assert diversity["records"] == 6 and sum(diversity["coverage"]["per_leaf"].values()) == 6
 
 
 @pytest.mark.parametrize("answer, textual", [("\\text{Alice wins}", True), ("no solution", True), ("\\frac{\\sqrt{3}}{2}", False),

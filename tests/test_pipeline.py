@@ -106,7 +106,7 @@ def test_whole_recipe_with_a_teacher_server(tmp_path):
     assert artifacts["tiny-sft"]["type"] == "dataset" and "sft/train.jsonl" in artifacts["tiny-sft"]["files"]
     assert artifacts["tiny-eval"]["type"] == "eval-results" and {"results.csv", "results.table.json"} <= set(artifacts["tiny-eval"]["files"])
     assert [json.loads(line)["stages"] for line in (run_dir / "jobs.jsonl").read_text().splitlines()] == [
-        ["generate", "solve", "filter", "dedup", "decontam", "export", "train", "eval", "report"]]
+        ["generate", "solve", "filter", "dedup", "decontam", "diversity", "export", "train", "eval", "report"]]
 
 
 @pytest.mark.slow

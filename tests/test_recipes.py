@@ -22,7 +22,7 @@ TRL_ARGUMENTS = json.loads((Path(__file__).parent / "fixtures/trl_arguments.json
 ADDED_SINCE_FIXTURE = {"sand_math_qwen2.5_32b_released": "sand_math_qwen2.5_32b",
                        "sand_mathscience_r1_distill_qwen_32b_released": "sand_mathscience_r1_distill_qwen_32b",
                        "am_code_distill": "lumina_general_data",  # data-only, the same (unused) training groups
-                       "code_demo": "demo", "paper_am_thinking": "paper_table1"}  # the same training groups
+                       "code_demo": "demo", "paper_am_thinking": "paper_table1", "lumina_demo": "demo"}  # the same training groups
 # Recipes and train groups fitted to other GPUs since: the paper's TRL arguments but for these.
 FITTED_SINCE_FIXTURE = {"sand_math_qwen2.5_32b_h100": "sand_math_qwen2.5_32b", "sand_mathscience_r1_distill_qwen_32b_h100": "sand_mathscience_r1_distill_qwen_32b"}
 H100_CHANGES = {"gradient_accumulation_steps": 4, "pad_to_multiple_of": 4}  # SP 4: 2 data-parallel groups x 2 x 4 = 16

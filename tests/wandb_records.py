@@ -43,8 +43,9 @@ def read_records(path: str | Path) -> list:
 
 
 def run_summary(run_dir: str | Path) -> dict:
-    """What the offline runs under ``run_dir``/wandb logged: run fields, config keys, artifacts."""
-    out = {"runs": [], "artifacts": [], "config": {}}
+    """What the offline runs under ``run_dir``/wandb logged: run fields, config keys, artifacts, summary
+    values and the keys of logged history rows (tables, images)."""
+    out = {"runs": [], "artifacts": [], "config": {}, "summary": {}, "history_keys": set()}
     for path in sorted(Path(run_dir).glob("wandb/offline-run-*/run-*.wandb")):
         for rec in read_records(path):
             kind = rec.WhichOneof("record_type")
@@ -54,6 +55,10 @@ def run_summary(run_dir: str | Path) -> dict:
                 out["config"].update({item.key: item.value_json for item in rec.run.config.update})
             elif kind == "config":
                 out["config"].update({item.key: item.value_json for item in rec.config.update})
+            elif kind == "summary":
+                out["summary"].update({item.key or "/".join(item.nested_key): item.value_json for item in rec.summary.update})
+            elif kind == "history":
+                out["history_keys"].update(item.key or item.nested_key[0] for item in rec.history.item)  # a media item: its name
             elif kind == "artifact":
                 out["artifacts"].append({"name": rec.artifact.name, "type": rec.artifact.type,
                                          "files": [entry.path for entry in rec.artifact.manifest.contents]})

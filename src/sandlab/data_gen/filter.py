@@ -14,7 +14,13 @@ def run(ctx: StageContext, records: list[Record], offset: int) -> tuple[list[Rec
     if agreement.mode == "single":
         return keep_first_complete(records)
     if agreement.mode == "reference":
-        require_fields(records, "filter", ["reference_answer"], "data.agreement.mode=reference needs problems with reference answers")
+        if agreement.keep_unreferenced:  # AM: items without a reference are checked by the score stage's reward model
+            referenced = [r for r in records if r.get("reference_answer") not in (None, "")]
+            kept, dropped = filter_by_reference(referenced, agreement, ctx.pool)
+            open_kept, open_dropped = keep_first_complete([r for r in records if r.get("reference_answer") in (None, "")])
+            return kept + [{**r, "unverified": True} for r in open_kept], dropped + open_dropped
+        require_fields(records, "filter", ["reference_answer"], "data.agreement.mode=reference needs problems with reference answers "
+                       "(or data.agreement.keep_unreferenced=true with the score stage to check the rest)")
         return filter_by_reference(records, agreement, ctx.pool)
     if agreement.mode == "tests":
         return filter_by_tests(records, agreement, ctx.code_verifier)

@@ -61,14 +61,16 @@ def build_requests(cfg: GenerationStage, root: Path, seed: int) -> list[Record]:
     return requests
 
 
-def load_source_problems(cfg: GenerationStage) -> list[Record]:
+def load_source_problems(cfg: GenerationStage, *, keep_unreferenced: bool = False) -> list[Record]:
     """Distillation mode: existing problems with reference answers (or test cases) from a local file
     (.json/.jsonl/.jsonl.zst/.parquet) or a Hub dataset (``source_config``, ``source_split``). A known
     dataset format (``source_format``, auto-detected: SAND-MATH, AM-DeepSeek-R1-Distilled, OpenR1-Math,
     OpenThoughts, ...) is read by ``sandlab.readers``; any other rows (and sandlab's own SFT export) by
     ``problem_field`` / ``answer_field``. Rows without a problem or a reference are dropped, counted in the log.
     Code problems (LiveCodeBench, APPS/TACO, open-r1, AM rows with test cases) keep ``answer_kind: code``,
-    their normalized ``tests`` and ``CODE_FIELDS``; ``source_filter`` keeps the records whose fields match."""
+    their normalized ``tests`` and ``CODE_FIELDS``; ``source_filter`` keeps the records whose fields match.
+    ``keep_unreferenced``: rows with neither a reference nor tests stay too (answer_kind ``general``), for a
+    reward model to check (data.agreement.keep_unreferenced)."""
     import logging  # noqa: PLC0415
 
     from sandlab.errors import ConfigError  # noqa: PLC0415
@@ -100,12 +102,14 @@ def load_source_problems(cfg: GenerationStage) -> list[Record]:
             if r["problem"] in seen:
                 continue
             seen.add(r["problem"])
-            if r["reference_answer"] is None and not r["test_cases"] and not r.get("tests"):
+            open_ended = r["reference_answer"] is None and not r["test_cases"] and not r.get("tests")
+            if open_ended and not keep_unreferenced:
                 unchecked += 1
                 continue
             code = r.get("answer_kind") == "code"
+            kind = "code" if code else ANSWER_KIND["general"] if open_ended else ANSWER_KIND.get(cfg.style, "math")
             records.append({"id": r["id"], "domain": cfg.domain, "problem": r["problem"], "reference_answer": r["reference_answer"],
-                            "reference_solution": None, "answer_kind": "code" if code else ANSWER_KIND.get(cfg.style, "math"), "source_dataset": source,
+                            "reference_solution": None, "answer_kind": kind, "source_dataset": source,
                             **({"test_cases": r["test_cases"]} if r["test_cases"] else {}),
                             **({k: r[k] for k in CODE_FIELDS if k in r} if code else {})})
         if unchecked or result.dropped:
@@ -214,7 +218,9 @@ def generate_problems(
 def make_inputs(ctx: StageContext) -> list[Record]:
     """Generation requests drawn from the taxonomy, or the source problems of distillation mode."""
     g = ctx.cfg.data.generate
-    return load_source_problems(g) if g.source else build_requests(g, ctx.root, ctx.cfg.run.seed)
+    if g.source:
+        return load_source_problems(g, keep_unreferenced=ctx.cfg.data.agreement.keep_unreferenced)
+    return build_requests(g, ctx.root, ctx.cfg.run.seed)
 
 
 def run(ctx: StageContext, requests: list[Record], offset: int) -> tuple[list[Record], list[Record]]:
@@ -225,6 +231,6 @@ def run(ctx: StageContext, requests: list[Record], offset: int) -> tuple[list[Re
 
 STAGE = Stage(
     "generate", Kind.DATA, run, make_inputs=make_inputs, per_record=True, partitionable=True,
-    config=("run.seed", "teacher.model", "data.generate"), needs_teacher=lambda cfg: not cfg.data.generate.source,
+    config=("run.seed", "teacher.model", "data.generate", "data.agreement.keep_unreferenced"), needs_teacher=lambda cfg: not cfg.data.generate.source,
     hint="raise data.generate.num_problems or use a stronger teacher",
 )

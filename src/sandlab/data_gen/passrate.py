@@ -12,7 +12,7 @@ from sandlab.errors import ConfigError
 from sandlab.grading import GradeItem, GradingPool
 from sandlab.inference.base import ChatBackend, sampling_from
 from sandlab.records import Record
-from sandlab.stages import Kind, Stage, StageContext
+from sandlab.stages import Kind, Stage, StageContext, always
 
 
 def filter_by_pass_rate(
@@ -61,7 +61,7 @@ def preflight(ctx: StageContext) -> None:
 
 
 STAGE = Stage(
-    "passrate", Kind.DATA, run, config=("data.passrate",), needs_student=True, needs_gpu=True, preflight=preflight,
+    "passrate", Kind.DATA, run, config=("data.passrate",), needs_student=True, needs_gpu=always, preflight=preflight,
     input_fields=("id", "problem"), input_hint="every record needs a stable id and a problem",
     hint="widen data.passrate.min_pass_rate/max_pass_rate",
 )

@@ -64,25 +64,33 @@ class Taxonomy:
         primary = rng.choices(names, weights=[self.weights.get(n, 1.0) for n in names])[0]
         secondary = rng.choice([n for n in names if n != primary])
         topics = self.branches[primary]
-        if not topics:
-            return TopicDraw(primary, primary, secondary)
         topic = rng.choices(list(topics), weights=[w for w, _ in topics.values()])[0]
         tasks = topics[topic][1]
         return TopicDraw(primary, topic, secondary, rng.choice(tasks) if tasks else "")
 
 
+def _name(path: Path, value: Any, where: str) -> str:
+    """A topic or task name; an empty one is a leaf nothing can be drawn for."""
+    if value is None or not str(value).strip():
+        raise ConfigError(f"taxonomy {path}: empty leaf under {where}; name it or remove it")
+    return str(value)
+
+
 def _topics(path: Path, branch: str, topics: Any) -> dict[str, tuple[float, list[str]]]:
-    if topics is None:
-        return {}
+    if topics is None or (isinstance(topics, (list, dict)) and not topics):
+        raise ConfigError(f"taxonomy {path}: empty leaf {branch!r} (a branch without topics); give it topics or remove it")
     if isinstance(topics, list):
-        return {str(t): (1.0, []) for t in topics}
+        return {_name(path, t, branch): (1.0, []) for t in topics}
     if isinstance(topics, dict):
         out = {}
         for topic, value in topics.items():
+            topic = _name(path, topic, branch)
+            if isinstance(value, bool) or value is None or value == []:
+                raise ConfigError(f"taxonomy {path}: empty leaf {branch}/{topic} (no weight or tasks); give it a positive weight or a list of tasks")
             if isinstance(value, (int, float)) and value > 0:
-                out[str(topic)] = (float(value), [])
-            elif isinstance(value, list) and value:
-                out[str(topic)] = (1.0, [str(t) for t in value])
+                out[topic] = (float(value), [])
+            elif isinstance(value, list):
+                out[topic] = (1.0, [_name(path, t, f"{branch}/{topic}") for t in value])
             else:
                 raise ConfigError(f"taxonomy {path}: {branch}/{topic} must be a positive weight or a list of tasks")
         return out

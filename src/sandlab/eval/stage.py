@@ -8,7 +8,7 @@ from typing import Any
 
 from sandlab.errors import EmptyDatasetError
 from sandlab.records import write_json
-from sandlab.stages import Kind, Stage, StageContext
+from sandlab.stages import Kind, Stage, StageContext, always
 
 
 def model_for(ctx: StageContext, target: str) -> str:
@@ -51,4 +51,4 @@ def preflight(ctx: StageContext) -> None:
         raise EmptyDatasetError(f"eval.models has 'tuned' but {ctx.tuned_dir()} does not exist; train first or set run.dir to a trained run")
 
 
-STAGE = Stage("eval", Kind.EVAL, run, preflight=preflight, needs_student=True, needs_gpu=True, reads_export_only=True, config=("eval",))
+STAGE = Stage("eval", Kind.EVAL, run, preflight=preflight, needs_student=True, needs_gpu=always, reads_export_only=True, config=("eval",))

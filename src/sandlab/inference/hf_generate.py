@@ -2,12 +2,15 @@
 
 from __future__ import annotations
 
+import logging
 from pathlib import Path
 from typing import Any
 
 from sandlab.config import BackendConfig, SamplingSettings
 from sandlab.errors import BackendUnavailableError
 from sandlab.inference.base import ChatBackend, Completion, Conversation, Row, check_model_files, is_prefilled, isolate, one_line
+
+log = logging.getLogger(__name__)
 
 
 class TransformersBackend(ChatBackend):
@@ -49,6 +52,7 @@ class TransformersBackend(ChatBackend):
             eos = self.tokenizer.eos_token_id
         self.eos_ids = set(eos if isinstance(eos, list) else [eos]) - {None}
         self.pad_id = self.tokenizer.pad_token_id
+        self._warned_schema = False
 
     def __repr__(self) -> str:
         return f"TransformersBackend(model={self.model_name!r}, device={self.device!r}, batch_size={self.batch_size})"
@@ -77,6 +81,9 @@ class TransformersBackend(ChatBackend):
         import torch  # noqa: PLC0415
 
         enc = self.tokenizer(texts, return_tensors="pt", padding=True, add_special_tokens=False).to(self.device)
+        if sampling.json_schema is not None and not self._warned_schema:
+            self._warned_schema = True  # the caller validates what comes back; this backend cannot constrain it
+            log.warning("the hf backend cannot enforce a JSON schema (structured output); use the vllm or openai backend to enforce it")
         do_sample = sampling.temperature > 0
         kwargs: dict[str, Any] = dict(
             max_new_tokens=sampling.max_tokens,

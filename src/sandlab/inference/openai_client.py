@@ -249,6 +249,8 @@ class OpenAICompatibleBackend(ChatBackend):
         if is_prefilled(conversation):
             payload["continue_final_message"] = True
             payload["add_generation_prompt"] = False
+        if sampling.json_schema is not None:  # OpenAI structured outputs; vLLM and SGLang servers enforce it too
+            payload["response_format"] = {"type": "json_schema", "json_schema": {"name": "response", "schema": sampling.json_schema, "strict": True}}
         if self._is_vllm:
             payload["return_token_ids"] = True
         return payload

@@ -90,6 +90,32 @@ def _chat(llm: Any, items: list[tuple[Conversation, Any]], prefill: bool, use_tq
     return [_to_completions(out) for out in outputs]
 
 
+def _structured_output(schema: dict[str, Any]) -> dict[str, Any]:
+    """The SamplingParams field that constrains decoding to a JSON schema (vLLM >= 0.11 names it
+    structured_outputs; 0.10 guided_decoding)."""
+    try:
+        from vllm.sampling_params import StructuredOutputsParams  # noqa: PLC0415
+
+        return {"structured_outputs": StructuredOutputsParams(json=schema)}
+    except ImportError:
+        from vllm.sampling_params import GuidedDecodingParams  # noqa: PLC0415
+
+        return {"guided_decoding": GuidedDecodingParams(json=schema)}
+
+
+def _compact_json_default(engine_kwargs: dict[str, Any]) -> None:
+    """Structured outputs as compact JSON unless the recipe says otherwise: with whitespace allowed a
+    small model may pad a judgement with newlines until max_tokens. An engine-wide setting in vLLM
+    (the per-request flag is ignored), for the xgrammar backend (the one vLLM picks for sandlab's
+    judge schema anyway); it only affects requests with a schema."""
+    import inspect  # noqa: PLC0415
+
+    from vllm import LLM  # noqa: PLC0415
+
+    if "structured_outputs_config" in inspect.signature(LLM.__init__).parameters:
+        engine_kwargs.setdefault("structured_outputs_config", {"backend": "xgrammar", "disable_any_whitespace": True})
+
+
 def _sampling_params(sampling: SamplingSettings, seed: int | None) -> Any:
     from vllm import SamplingParams  # noqa: PLC0415
 
@@ -100,6 +126,7 @@ def _sampling_params(sampling: SamplingSettings, seed: int | None) -> Any:
         max_tokens=sampling.max_tokens,
         seed=seed,
         stop=list(sampling.stop) or None,
+        **(_structured_output(sampling.json_schema) if sampling.json_schema is not None else {}),
     )
 
 
@@ -203,6 +230,7 @@ class VLLMEngineBackend(ChatBackend):
         self.on_cpu = current_platform.is_cpu()
         self.cpu_settings = None  # sandlab.inference.cpu_settings.CpuSettings on CPU
         engine_kwargs = dict(engine_kwargs)
+        _compact_json_default(engine_kwargs)
         cpu_env: dict[str, str] = {}
         if self.on_cpu:
             from sandlab.inference.cpu_settings import check_memory, choose_cpu_settings, cpu_info  # noqa: PLC0415

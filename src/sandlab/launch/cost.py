@@ -109,6 +109,8 @@ def estimate(cfg: RecipeConfig, run_dir: Path, stages: list[str]) -> tuple[list[
             per_problem += d.solve.k * d.solve.sampling.max_tokens
         if "difficulty" in stages:
             per_problem += d.difficulty.sampling.n * d.difficulty.sampling.max_tokens
+        if "score" in stages and d.score.scorer == "judge":  # one judgement per scored response
+            per_problem += (d.solve.k if d.score.best_of_n else 1) * d.score.judge.sampling.max_tokens
         if "hike" in stages:
             per_problem += d.hike.sampling.max_tokens + d.solve.k * d.solve.sampling.max_tokens
         tokens = d.generate.num_problems * per_problem * c.output_fill

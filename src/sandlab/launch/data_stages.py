@@ -30,6 +30,8 @@ def apply_stage(ctx: StageContext, stage: Stage, records: list[Record], *, offse
                             records, size if size > 0 else len(records), shard_dir)
         kept = [r for shard in shards for r in shard["kept"]]
         dropped = [r for shard in shards for r in shard["dropped"]]
+        if stage.finish is not None:
+            kept, dropped = stage.finish(ctx, kept, dropped)
     else:
         kept, dropped = stage.run(ctx, records, 0)
     row = funnel_row(stage.name, len(records), kept, dropped, time.monotonic() - start)

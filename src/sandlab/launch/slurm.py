@@ -237,8 +237,8 @@ class JobPlanner:
         extra = self.teacher_overrides() if serve_index is not None else []
         after = previous + ([("after", serve_index)] if serve_index is not None else [])  # starts once the servers' job has started
         # With served teachers the data jobs are HTTP clients, unless a stage runs a model of its own
-        # (passrate: the student in vLLM), which keeps the data resources and their GPUs.
-        client_only = serve_index is not None and not any(get_stage(s).needs_gpu for s in stages)
+        # (passrate: the student in vLLM; score: a reward model), which keeps the data resources and their GPUs.
+        client_only = serve_index is not None and not any(get_stage(s).needs_gpu(cfg) for s in stages)
         res = cfg.launcher.serve.client if client_only else cfg.launcher.data
         gpus = 0 if client_only else _gpus(res, cfg)
         data_res = dataclasses.replace(res, gpus_per_node=gpus)

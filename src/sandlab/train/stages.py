@@ -12,7 +12,7 @@ from typing import Any
 
 from sandlab.config import RecipeConfig
 from sandlab.errors import ConfigError, EmptyDatasetError
-from sandlab.stages import Kind, Stage, StageContext, is_data_stage
+from sandlab.stages import Kind, Stage, StageContext, always, is_data_stage
 from sandlab.train.launcher import is_main_process, launch_distributed, under_launcher
 
 log = logging.getLogger("sandlab")
@@ -105,8 +105,8 @@ def check_grpo(ctx: StageContext) -> None:
 
 
 STAGES = (
-    Stage("train", Kind.TRAIN, run_train, preflight=check_train, needs_student=True, needs_gpu=True, reads_export_only=True,
+    Stage("train", Kind.TRAIN, run_train, preflight=check_train, needs_student=True, needs_gpu=always, reads_export_only=True,
           config=("model.path", "model.chat_template", "data.dataset_path", "data.format", "data.config", "data.split", "data.mix",
                   "data.variants", "train")),
-    Stage("grpo", Kind.TRAIN, run_grpo, preflight=check_grpo, needs_student=True, needs_gpu=True, config=("rl", "model.path")),
+    Stage("grpo", Kind.TRAIN, run_grpo, preflight=check_grpo, needs_student=True, needs_gpu=always, config=("rl", "model.path")),
 )
