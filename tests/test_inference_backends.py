@@ -541,6 +541,70 @@ def test_openai_reasoning_parser_output_is_rejoined_in_think_tags():
     assert completion.text == "<think>\n2+2=4\n</think>\n\nThe answer is \\boxed{4}."
 
 
+def test_openai_request_options_reach_every_request_body():
+    """gpt-oss's reasoning_effort and vLLM's top_k through extra_body, Qwen3's enable_thinking through
+    chat_template_kwargs; a structured-output schema rides along; the harmony trace comes back in <think>."""
+    body = completion_body(["Final: 4"])
+    body["choices"][0]["message"]["reasoning_content"] = "think hard"
+    with ChatStub(lambda request: (200, {}, body)) as stub:
+        backend = OpenAICompatibleBackend("stub", [stub.url], extra_body={"reasoning_effort": "high", "top_k": 20},
+                                          chat_template_kwargs={"enable_thinking": False}, **fast())
+        out = backend.generate(CONVS[:2], SamplingSettings(max_tokens=3, temperature=1.0, json_schema={"type": "object"}))
+    assert [r["body"]["reasoning_effort"] for r in stub.received] == ["high", "high"]
+    for request in stub.received:
+        sent = request["body"]
+        assert sent["top_k"] == 20 and sent["chat_template_kwargs"] == {"enable_thinking": False} and sent["temperature"] == 1.0
+        assert sent["response_format"] == {"type": "json_schema", "json_schema": {"name": "response", "schema": {"type": "object"}, "strict": True}}
+    assert out[0][0].text == "<think>\nthink hard\n</think>\n\nFinal: 4"
+
+
+def test_openai_extra_body_may_not_override_sampling_fields():
+    with pytest.raises(ConfigError, match=r"extra_body sets \['max_tokens', 'temperature'\]"):
+        OpenAICompatibleBackend("stub", ["http://127.0.0.1:1/v1"], extra_body={"temperature": 1.0, "max_tokens": 9, "top_k": 5})
+
+
+def test_a_request_option_every_server_refuses_stops_with_its_message_without_retries():
+    refusal = (400, {}, {"error": {"message": "Unknown field: reasoning_efort"}})
+    with ChatStub(lambda request: refusal) as stub:
+        backend = OpenAICompatibleBackend("stub", [stub.url], extra_body={"reasoning_efort": "high"}, **fast(max_retries=5))
+        with pytest.raises(BackendUnavailableError) as err:
+            backend.generate(CONVS[:3], SamplingSettings(max_tokens=3))
+    message = str(err.value)
+    assert "refused all 3 requests" in message and "HTTP 400" in message and "Unknown field: reasoning_efort" in message
+    assert "\n" not in message and stub.requests == 3  # one request each: a refusal is not retried
+
+
+def test_secret_request_options_are_sent_but_never_shown():
+    from sandlab.runs import redact
+
+    echo = (400, {}, {"error": {"message": f"provider_token {SECRET} is not valid"}})
+    with ChatStub(lambda request: echo) as stub:
+        backend = OpenAICompatibleBackend("stub", [stub.url], extra_body={"provider_token": SECRET}, **fast())
+        out = backend.generate(CONVS[:1], SamplingSettings(max_tokens=3))
+    assert stub.received[0]["body"]["provider_token"] == SECRET  # the server gets it
+    assert "HTTP 400" in out[0][0].error and SECRET not in out[0][0].error and SECRET not in repr(backend)
+    # Written configs and W&B get the recipe through runs.redact: the same key rule.
+    assert redact({"teacher": {"extra_body": {"provider_token": SECRET, "reasoning_effort": "high"}}}) == {
+        "teacher": {"extra_body": {"provider_token": "***", "reasoning_effort": "high"}}}
+
+
+def test_vllm_engine_takes_sampling_extras_and_chat_template_kwargs(vllm_backend, tiny_model_path, monkeypatch):
+    from sandlab.inference.factory import engine_request_options
+    from sandlab.inference.vllm_engine import chat_with_llm
+
+    options = engine_request_options(BackendConfig(extra_body={"reasoning_effort": "high", "min_tokens": 6},
+                                                   chat_template_kwargs={"enable_thinking": False}))
+    assert options == {"sampling": {"min_tokens": 6}, "chat_template_kwargs": {"enable_thinking": False, "reasoning_effort": "high"}}
+    seen = []
+    real_chat = vllm_backend.llm.chat
+    monkeypatch.setattr(vllm_backend.llm, "chat", lambda *a, **kw: seen.append(kw.get("chat_template_kwargs")) or real_chat(*a, **kw))
+    rows = chat_with_llm(vllm_backend.llm, CONVS[:2], SamplingSettings(max_tokens=6, temperature=0.0), desc="t", progress=False, options=options)
+    assert seen == [{"enable_thinking": False, "reasoning_effort": "high"}]
+    assert [r[0].completion_tokens for r in rows] == [6, 6]  # min_tokens reached the engine: no early stop
+    with pytest.raises(ConfigError, match=r"extra_body \['response_format'\] has no meaning for the in-process vLLM engine"):
+        engine_request_options(BackendConfig(extra_body={"response_format": {}}))
+
+
 # --- transformers ----------------------------------------------------------------------------------
 def test_hf_custom_chat_template(tiny_model_path, tmp_path):
     from sandlab.inference.hf_generate import TransformersBackend
@@ -554,6 +618,11 @@ def test_hf_custom_chat_template(tiny_model_path, tmp_path):
     out = backend.generate(CONVS[:1], SamplingSettings(max_tokens=2))
     expected = len(backend.tokenizer("user: What is 2 + 2?\nassistant:", add_special_tokens=False)["input_ids"])
     assert out[0][0].prompt_tokens == expected
+    # chat_template_kwargs are the template's variables (Qwen3's enable_thinking works this way).
+    template.write_text(template.read_text() + "{% if enable_thinking is defined and not enable_thinking %} /no_think{% endif %}")
+    quiet = TransformersBackend(str(tiny_model_path), dtype="float32", chat_template=str(template), chat_template_kwargs={"enable_thinking": False})
+    out = quiet.generate(CONVS[:1], SamplingSettings(max_tokens=2))
+    assert out[0][0].prompt_tokens == len(quiet.tokenizer("user: What is 2 + 2?\nassistant: /no_think", add_special_tokens=False)["input_ids"])
 
 
 # --- build_backend ------------------------------------------------------------------------------------

@@ -21,8 +21,9 @@ TRL_ARGUMENTS = json.loads((Path(__file__).parent / "fixtures/trl_arguments.json
 # Recipes added after the fixture was recorded -> the recorded recipe whose training settings they keep.
 ADDED_SINCE_FIXTURE = {"sand_math_qwen2.5_32b_released": "sand_math_qwen2.5_32b",
                        "sand_mathscience_r1_distill_qwen_32b_released": "sand_mathscience_r1_distill_qwen_32b",
-                       "am_code_distill": "lumina_general_data",  # data-only, the same (unused) training groups
-                       "code_demo": "demo", "paper_am_thinking": "paper_table1", "lumina_demo": "demo"}  # the same training groups
+                       "am_code_distill": "lumina_general_data", "am_general_distill": "lumina_general_data",  # data-only, the same (unused) training groups
+                       "code_demo": "demo", "paper_am_thinking": "paper_table1", "lumina_demo": "demo",
+                       "sand_math_gpt_oss_teacher": "sand_math_qwen2.5_32b"}  # the same training groups
 # Recipes and train groups fitted to other GPUs since: the paper's TRL arguments but for these.
 FITTED_SINCE_FIXTURE = {"sand_math_qwen2.5_32b_h100": "sand_math_qwen2.5_32b", "sand_mathscience_r1_distill_qwen_32b_h100": "sand_mathscience_r1_distill_qwen_32b"}
 H100_CHANGES = {"gradient_accumulation_steps": 4, "pad_to_multiple_of": 4}  # SP 4: 2 data-parallel groups x 2 x 4 = 16
@@ -59,9 +60,13 @@ def test_every_recipe_composes_and_validates(name):
     jobs = JobPlanner(on_cluster, name, overrides, Path("/tmp/runs/x")).plan()
     assert [s for job in jobs for s in job.stages] == selected_stages(on_cluster)
     for job in jobs:
+        if job.wrap:  # the teacher servers' stop job: one scancel line
+            assert job.kind == "cleanup" and job.wrap.startswith("scancel")
+            continue
         check = subprocess.run(["bash", "-n"], input=job.script, capture_output=True, text=True)
         assert check.returncode == 0, f"{job.name}: {check.stderr}"
-        assert "#SBATCH --partition=gpu" in job.script and f"--config-name {name}" in job.script
+        assert "#SBATCH --partition=gpu" in job.script
+        assert job.kind == "serve" or f"--config-name {name}" in job.script  # the serve job runs vLLM, not sandlab
 
 
 @pytest.mark.parametrize("group", ["model", "teacher", "data", "train", "eval", "launcher", "cluster", "rl"])

@@ -266,3 +266,23 @@ def test_lumina_demo_end_to_end_with_the_judge_on_the_vllm_engine(tmp_path):
     assert "## Quality scores" in report and "## Diversity" in report and (run_dir / "data/diversity.png").stat().st_size > 10_000
     logged = run_summary(run_dir)
     assert "diversity/distinct-2" in logged["summary"] and {"diversity_plot", "diversity_per_leaf"} <= logged["history_keys"]
+
+
+def test_am_rows_without_a_reference_stay_for_the_reward_model_only_when_asked(tmp_path):
+    from sandlab.config import GenerationStage
+    from sandlab.data_gen.generate import load_source_problems
+
+    def row(question, reference, test_case=None):
+        info = {"source": "x", "reference_answer": reference, "test_case": test_case}
+        return {"messages": [{"role": "user", "content": question, "info": info},
+                             {"role": "assistant", "content": "<think>t</think>answer", "info": {}}]}
+
+    path = tmp_path / "am.jsonl"
+    rows = [row("What is 6 x 7?", "42"), row("Write a haiku about autumn.", None), row("Square it.", None, '{"inputs": [3], "outputs": [9]}')]
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    general = GenerationStage(source=str(path), domain="general", source_filter={"reference_answer": None, "test_cases": None})
+    assert load_source_problems(general) == []  # a row nothing can verify is no problem by default
+    [kept] = load_source_problems(general, keep_unreferenced=True)
+    assert kept["problem"] == "Write a haiku about autumn." and kept["reference_answer"] is None and kept["answer_kind"] == "open"
+    everything = load_source_problems(GenerationStage(source=str(path)), keep_unreferenced=True)
+    assert [p["answer_kind"] for p in everything] == ["math", "open", "code"]

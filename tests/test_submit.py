@@ -150,6 +150,26 @@ def test_submit_errors_are_one_line(tmp_path):
     assert no_sbatch.stderr.strip().splitlines()[-1] == "error: sbatch not found: submit from a Slurm login node (or use --dry-run to see the scripts)"
 
 
+def test_gpt_oss_teacher_dry_runs_as_amd_served_it(tmp_path):
+    """AMD's vLLM serve flags for gpt-oss-120b come from the teacher config; the data job keeps
+    reasoning_effort high (teacher.extra_body) and temperature 1.0 for its requests."""
+    result = submit("--config-name", "sand_math_gpt_oss_teacher", "--dry-run", "cluster=example_mi300x", f"run.dir={tmp_path / 'run'}")
+    assert result.returncode == 0, result.stderr[-2000:]
+    jobs = split_scripts(result.stdout)
+    serve = jobs["sand_math_gpt_oss_teacher-serve"][1]
+    for flag in ("--model openai/gpt-oss-120b", "--tensor-parallel-size 8", "--max-num-seqs 4096", "--max-model-len 52072",
+                 "--max-num-batched-tokens 65536", "--no-enable-prefix-caching"):
+        assert flag in serve, flag
+    assert "teacher.backend=openai" in jobs["sand_math_gpt_oss_teacher-data"][1]
+    from test_recipes import compose_recipe
+
+    from sandlab.stages import load_recipe
+
+    recipe = load_recipe(compose_recipe("sand_math_gpt_oss_teacher", ["run.dir=runs/x"]))
+    assert recipe.teacher.extra_body == {"reasoning_effort": "high"}
+    assert recipe.data.generate.sampling.temperature == recipe.data.solve.sampling.temperature == 1.0
+
+
 @pytest.mark.slow
 def test_demo_on_the_local_cluster_runs_cpu_training_without_accelerate(tmp_path):
     result = submit("--config-name", "demo", "--dry-run", f"run.dir={tmp_path / 'r'}")

@@ -160,7 +160,16 @@ class BackendConfig:
     dtype: str = "bfloat16"
     chat_template: Optional[str] = None
     enforce_eager: bool = False
+    # vllm: passed to vllm.LLM as is; on a served teacher (launcher.serve) they become the server's flags
+    # (max_num_seqs: 4096 -> --max-num-seqs 4096, enable_prefix_caching: false -> --no-enable-prefix-caching).
     extra_engine_args: dict[str, Any] = field(default_factory=dict)
+    # Per-request options. extra_body: merged into every OpenAI-compatible request (gpt-oss's
+    # reasoning_effort, vLLM's top_k/min_p/repetition_penalty); the in-process engine takes the
+    # SamplingParams fields among them and reasoning_effort (as a chat template variable).
+    # chat_template_kwargs: variables of the chat template (Qwen3's enable_thinking), sent as the request
+    # field of that name to servers and given to LLM.chat / apply_chat_template in process.
+    extra_body: dict[str, Any] = field(default_factory=dict)
+    chat_template_kwargs: dict[str, Any] = field(default_factory=dict)
     num_params_b: Optional[float] = None  # active parameters (billions) for cost estimates; None: from the HF config
     architecture: Optional[dict[str, Any]] = None  # HF config fields for the memory plan (see ModelConfig)
 

@@ -165,7 +165,7 @@ def resolve_model_path(spec: str, *, what: str = "model.path") -> str:
 
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description="Prepare the embedded default models in the sandlab cache.")
-    parser.add_argument("--models", nargs="*", default=[SMOLLM2, TINY], choices=sorted(EMBEDDED))
+    parser.add_argument("--models", nargs="*", default=[SMOLLM2, TINY, TINY_REWARD], choices=sorted(EMBEDDED))
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO)
     for name in args.models:

@@ -18,7 +18,9 @@ def run(ctx: StageContext, records: list[Record], offset: int) -> tuple[list[Rec
             referenced = [r for r in records if r.get("reference_answer") not in (None, "")]
             kept, dropped = filter_by_reference(referenced, agreement, ctx.pool)
             open_kept, open_dropped = keep_first_complete([r for r in records if r.get("reference_answer") in (None, "")])
-            return kept + [{**r, "unverified": True} for r in open_kept], dropped + open_dropped
+            order = {r["id"]: i for i, r in enumerate(records)}
+            kept += [{**r, "unverified": True} for r in open_kept]
+            return sorted(kept, key=lambda r: order[r["id"]]), sorted(dropped + open_dropped, key=lambda r: order[r["id"]])
         require_fields(records, "filter", ["reference_answer"], "data.agreement.mode=reference needs problems with reference answers "
                        "(or data.agreement.keep_unreferenced=true with the score stage to check the rest)")
         return filter_by_reference(records, agreement, ctx.pool)

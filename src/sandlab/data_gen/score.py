@@ -107,19 +107,22 @@ def _candidates(rec: Record, best_of_n: bool) -> list[str]:
 
 def score_records(ctx: StageContext, records: list[Record], offset: int = 0) -> tuple[list[Record], list[Record]]:
     cfg = ctx.cfg.data.score
-    todo = [r for r in records if cfg.scope == ScoreScope.all or r.get("unverified")]
-    kept: list[Record] = [r for r in records if not (cfg.scope == ScoreScope.all or r.get("unverified"))]  # verified otherwise
+    in_scope = [cfg.scope == ScoreScope.all or bool(r.get("unverified")) for r in records]
+    todo = [r for r, scoped in zip(records, in_scope) if scoped]
+    kept: list[Record] = []
     dropped: list[Record] = []
     plans = [(rec, _candidates(rec, cfg.best_of_n)) for rec in todo]
     pairs = [(rec["problem"], _visible(text, cfg.include_reasoning)) for rec, texts in plans for text in texts]
-    if cfg.scorer == Scorer.judge:
+    scored_by = f"judge:{ctx.cfg.teacher.model}" if cfg.scorer == Scorer.judge else f"reward_model:{cfg.reward_model.model}"
+    if not pairs:  # nothing to score in this shard: no model loads
+        results, cut = [], []
+    elif cfg.scorer == Scorer.judge:
         k = max(1, ctx.cfg.data.solve.k)
+        # Judgement i of the shard is sampled with seed + offset * k + i (deterministic at the default temperature 0).
         results, cut = judge_pairs(ctx.teacher, pairs, cfg.judge, ctx.root, seed_offset=offset * k)
-        scored_by = f"judge:{ctx.cfg.teacher.model}"
     else:
         rewards = ctx.reward_model.score([([{"role": "user", "content": request}], response) for request, response in pairs])
         results, cut = [(s, None, None) for s in rewards.scores], rewards.truncated
-        scored_by = f"reward_model:{cfg.reward_model.model}"
     at = 0
     for rec, texts in plans:
         mine, at = results[at:at + len(texts)], at + len(texts)
@@ -140,7 +143,8 @@ def score_records(ctx: StageContext, records: list[Record], offset: int = 0) -> 
             dropped.append({**rated, "reason": "below_threshold"})
         else:
             kept.append(rated)
-    return kept, dropped
+    scored = {r["id"]: r for r in kept}  # records out of scope (verified otherwise) pass unscored, in input order
+    return [scored.get(r["id"], r) for r, scoped in zip(records, in_scope) if not scoped or r["id"] in scored], dropped
 
 
 def select_top_fraction(ctx: StageContext, kept: list[Record], dropped: list[Record]) -> tuple[list[Record], list[Record]]:

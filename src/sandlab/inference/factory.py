@@ -67,6 +67,8 @@ def build_backend(cfg: BackendConfig | Mapping[str, Any] | Any, *, what: str = "
             timeout_s=cfg.timeout_s,
             max_retries=cfg.max_retries,
             retry_backoff_s=cfg.retry_backoff_s,
+            extra_body=dict(cfg.extra_body),
+            chat_template_kwargs=dict(cfg.chat_template_kwargs),
         )
 
     path = resolve_model_path(cfg.model, what=what)
@@ -76,7 +78,9 @@ def build_backend(cfg: BackendConfig | Mapping[str, Any] | Any, *, what: str = "
         unknown = sorted(set(extra) - set(HF_EXTRA_ARGS))
         if unknown:
             raise ConfigError(f"extra_engine_args {unknown} are not supported by the hf backend; allowed: {list(HF_EXTRA_ARGS)}")
-        return TransformersBackend(path, dtype=cfg.dtype, chat_template=cfg.chat_template, **extra)
+        if cfg.extra_body:
+            raise ConfigError(f"extra_body {sorted(cfg.extra_body)} is for OpenAI-compatible servers and the vllm backend; the hf backend has no request body")
+        return TransformersBackend(path, dtype=cfg.dtype, chat_template=cfg.chat_template, chat_template_kwargs=dict(cfg.chat_template_kwargs), **extra)
 
     from sandlab.inference.vllm_engine import VLLMEngineBackend  # noqa: PLC0415
 
@@ -90,4 +94,23 @@ def build_backend(cfg: BackendConfig | Mapping[str, Any] | Any, *, what: str = "
         enforce_eager=cfg.enforce_eager,
     )
     kwargs.update(extra)  # extra_engine_args go to vllm.LLM as is (and may override the above)
-    return VLLMEngineBackend(path, **kwargs)
+    return VLLMEngineBackend(path, request_options=engine_request_options(cfg), **kwargs)
+
+
+def engine_request_options(cfg: BackendConfig) -> dict[str, Any]:
+    """What of ``extra_body`` and ``chat_template_kwargs`` the in-process engine can honour: SamplingParams
+    fields (top_k, min_p, ...) and the chat template's variables; reasoning_effort is such a variable
+    (gpt-oss's template reads it). Anything else stops with one line rather than being dropped."""
+    from vllm import SamplingParams  # noqa: PLC0415
+
+    fields = set(getattr(SamplingParams, "__struct_fields__", ())) or set(SamplingParams.__init__.__code__.co_varnames)
+    body = dict(cfg.extra_body)
+    template_kwargs = dict(cfg.chat_template_kwargs)
+    if "reasoning_effort" in body:
+        template_kwargs.setdefault("reasoning_effort", body.pop("reasoning_effort"))
+    managed = {"n", "temperature", "top_p", "max_tokens", "seed", "stop", "structured_outputs", "guided_decoding"}
+    unknown = sorted(k for k in body if k not in fields or k in managed)
+    if unknown:
+        raise ConfigError(f"extra_body {unknown} has no meaning for the in-process vLLM engine (it takes SamplingParams fields such as "
+                          "top_k or min_p, and reasoning_effort); the sampling settings come from each stage's sampling")
+    return {"sampling": body, "chat_template_kwargs": template_kwargs}

@@ -19,7 +19,7 @@ class TransformersBackend(ChatBackend):
     name = "hf"
 
     def __init__(self, model: str, *, dtype: str = BackendConfig.dtype, device: str | None = None, batch_size: int = 8,
-                 chat_template: str | None = None) -> None:
+                 chat_template: str | None = None, chat_template_kwargs: dict[str, Any] | None = None) -> None:
         import torch  # noqa: PLC0415
         from transformers import AutoModelForCausalLM, AutoTokenizer  # noqa: PLC0415
 
@@ -53,6 +53,7 @@ class TransformersBackend(ChatBackend):
         self.eos_ids = set(eos if isinstance(eos, list) else [eos]) - {None}
         self.pad_id = self.tokenizer.pad_token_id
         self._warned_schema = False
+        self.chat_template_kwargs = dict(chat_template_kwargs or {})
 
     def __repr__(self) -> str:
         return f"TransformersBackend(model={self.model_name!r}, device={self.device!r}, batch_size={self.batch_size})"
@@ -64,6 +65,7 @@ class TransformersBackend(ChatBackend):
             tokenize=False,
             add_generation_prompt=not prefill,
             continue_final_message=prefill,
+            **self.chat_template_kwargs,
         )
 
     def _finish(self, tokens: list[int], sampling: SamplingSettings) -> tuple[str, int, str]:

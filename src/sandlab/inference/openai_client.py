@@ -29,7 +29,7 @@ from typing import Any
 import httpx
 
 from sandlab.config import BackendConfig, SamplingSettings
-from sandlab.errors import BackendUnavailableError
+from sandlab.errors import BackendUnavailableError, ConfigError
 from sandlab.inference.base import (
     ChatBackend,
     Completion,
@@ -41,11 +41,14 @@ from sandlab.inference.base import (
     one_line,
     request_seed,
 )
+from sandlab.runs import SECRET_KEY_RE
 
 log = logging.getLogger(__name__)
 
 MAX_RETRY_AFTER_S = 300.0
 MAX_BACKOFF_S = 60.0
+# Request fields sandlab sets from a stage's sampling settings: teacher.extra_body may not override them.
+SAMPLING_FIELDS = frozenset({"model", "messages", "n", "temperature", "top_p", "max_tokens", "seed", "stop", "stream", "response_format"})
 HEALTH_TIMEOUT_S = 10.0
 
 
@@ -94,7 +97,9 @@ def _parse_retry_after(value: str | None) -> float | None:
 
 
 class _RequestFailed(ItemFailed):
-    pass
+    def __init__(self, message: str, *, rejected: bool = False) -> None:
+        super().__init__(message)
+        self.rejected = rejected  # the server refused the request itself (HTTP 4xx other than 429): retrying cannot help
 
 
 class OpenAICompatibleBackend(ChatBackend):
@@ -112,7 +117,12 @@ class OpenAICompatibleBackend(ChatBackend):
         timeout_s: float = BackendConfig.timeout_s,
         max_retries: int = BackendConfig.max_retries,
         retry_backoff_s: float = BackendConfig.retry_backoff_s,
+        extra_body: dict[str, Any] | None = None,
+        chat_template_kwargs: dict[str, Any] | None = None,
     ) -> None:
+        clash = sorted(set(extra_body or {}) & SAMPLING_FIELDS)
+        if clash:
+            raise ConfigError(f"extra_body sets {clash}, which sandlab sends itself; set them in the stage's sampling settings instead")
         if isinstance(base_urls, str):
             base_urls = [base_urls]
         urls = [str(u).rstrip("/") for u in base_urls if str(u).strip()]
@@ -132,8 +142,12 @@ class OpenAICompatibleBackend(ChatBackend):
         self._rr = 0
         self._healthy_urls: list[str] | None = None  # set by the first health check
         self._is_vllm = False  # all healthy servers are vLLM: ask for per-choice token ids
+        self.extra_body = dict(extra_body or {})
+        self.chat_template_kwargs = dict(chat_template_kwargs or {})
+        # Secret-looking request options (a provider's token in extra_body) are hidden like the API key.
+        self._option_secrets = [str(v) for k, v in {**self.extra_body, **self.chat_template_kwargs}.items() if SECRET_KEY_RE.search(str(k)) and v]
 
-    def __repr__(self) -> str:
+    def __repr__(self) -> str:  # request options are left out: they may hold a provider's token
         key = "set" if self._api_key else "unset"
         return (
             f"OpenAICompatibleBackend(model={self.model!r}, base_urls={self.base_urls!r}, "
@@ -151,9 +165,9 @@ class OpenAICompatibleBackend(ChatBackend):
         return headers
 
     def _redact(self, text: str) -> str:
-        key = self._api_key.get()
-        if key and key in text:
-            text = text.replace(key, "***")
+        for secret in [self._api_key.get(), *self._option_secrets]:
+            if secret and secret in text:
+                text = text.replace(secret, "***")
         return text
 
     def _next_url(self) -> str:
@@ -249,6 +263,9 @@ class OpenAICompatibleBackend(ChatBackend):
         if is_prefilled(conversation):
             payload["continue_final_message"] = True
             payload["add_generation_prompt"] = False
+        payload.update(self.extra_body)  # e.g. reasoning_effort: high for gpt-oss
+        if self.chat_template_kwargs:  # vLLM and SGLang servers pass them to the chat template
+            payload["chat_template_kwargs"] = {**payload.get("chat_template_kwargs", {}), **self.chat_template_kwargs}
         if sampling.json_schema is not None:  # OpenAI structured outputs; vLLM and SGLang servers enforce it too
             payload["response_format"] = {"type": "json_schema", "json_schema": {"name": "response", "schema": sampling.json_schema, "strict": True}}
         if self._is_vllm:
@@ -284,7 +301,7 @@ class OpenAICompatibleBackend(ChatBackend):
                     detail = resp.text[:300].replace("\n", " ")
                     last = f"{url}: HTTP {resp.status_code}: {detail}"
                     if resp.status_code != 429 and resp.status_code < 500:
-                        raise _RequestFailed(self._redact(last))
+                        raise _RequestFailed(self._redact(last), rejected=True)
                     retry_after = _parse_retry_after(resp.headers.get("retry-after"))
             if attempt == self.max_retries:
                 break
@@ -381,7 +398,14 @@ class OpenAICompatibleBackend(ChatBackend):
                 return list(await asyncio.gather(*(run(i, c) for i, c in enumerate(conversations)), return_exceptions=True))
 
     def _generate(self, conversations: list[Conversation], sampling: SamplingSettings, *, desc: str) -> list[Row]:
-        return self._run(self._agenerate, conversations, sampling, desc)
+        rows = self._run(self._agenerate, conversations, sampling, desc)
+        # Every request refused for the same reason (an extra_body key the server does not know, a bad
+        # sampling value): a setting is wrong, not an item; stop with the server's message.
+        reasons = {str(r).split(": ", 1)[-1] for r in rows if isinstance(r, _RequestFailed) and r.rejected}
+        if len(rows) > 1 and len(reasons) == 1 and all(isinstance(r, _RequestFailed) and r.rejected for r in rows):
+            raise BackendUnavailableError(f"the server refused all {len(rows)} requests: {str(rows[0])}; check the teacher's request options "
+                                          "(extra_body, chat_template_kwargs) and the stage's sampling settings")
+        return rows
 
 
 def _message_text(choice: dict) -> str:

@@ -90,6 +90,7 @@ class RewardModel:
         if self.tokenizer.chat_template is None:
             raise ConfigError(f"{what}={settings.model!r} has no chat template to render (prompt, response) pairs with")
         self._llm: Any = None
+        self._engine: Any = None
         self._model: Any = None
         if settings.engine == RewardModelEngine.vllm:
             self._start_vllm()
@@ -121,15 +122,17 @@ class RewardModel:
         self._model = model.to(self.device).eval()
 
     def _start_vllm(self) -> None:
-        from vllm import LLM  # noqa: PLC0415
+        # sandlab's engine wrapper, for what it does around vllm.LLM: CPU dtype and thread settings,
+        # the memory check, and undoing vLLM's process-wide changes on close.
+        from sandlab.inference.vllm_engine import VLLMEngineBackend  # noqa: PLC0415
 
         s = self.settings
-        kwargs = {"model": self.path, "runner": "pooling", "max_model_len": s.max_length, "dtype": s.dtype, **s.extra_engine_args}
+        kwargs = {"max_model_len": s.max_length, "dtype": s.dtype, "runner": "pooling", **s.extra_engine_args}
         try:
-            self._llm = LLM(**kwargs)
-        except Exception as exc:
-            raise BackendUnavailableError(f"vLLM could not start the reward model {s.model!r} as a pooling model ({one_line(exc)}); "
-                                          "use data.score.reward_model.engine=transformers") from exc
+            self._engine = VLLMEngineBackend(self.path, **kwargs)
+        except BackendUnavailableError as exc:
+            raise BackendUnavailableError(f"{str(exc).splitlines()[0]}; as a pooling (reward) model: try data.score.reward_model.engine=transformers") from None
+        self._llm = self._engine.llm
 
     def __repr__(self) -> str:
         return f"RewardModel({self.settings.model!r}, engine={self.settings.engine})"
@@ -170,9 +173,6 @@ class RewardModel:
 
     def close(self) -> None:
         self._model = None
-        if self._llm is not None:
-            try:
-                self._llm.llm_engine.engine_core.shutdown()
-            except Exception as exc:  # noqa: BLE001 (best-effort cleanup)
-                log.debug("vLLM reward model shutdown: %s", one_line(exc))
-            self._llm = None
+        if self._engine is not None:
+            self._engine.close()
+            self._engine = self._llm = None

@@ -73,7 +73,7 @@ def _to_completions(output: Any) -> list[Completion]:
     return completions
 
 
-def _chat(llm: Any, items: list[tuple[Conversation, Any]], prefill: bool, use_tqdm: Any) -> list[Row]:
+def _chat(llm: Any, items: list[tuple[Conversation, Any]], prefill: bool, use_tqdm: Any, template_kwargs: dict[str, Any] | None = None) -> list[Row]:
     """One ``LLM.chat`` over (conversation, SamplingParams) pairs."""
     from vllm.v1.engine.exceptions import EngineDeadError  # noqa: PLC0415
 
@@ -84,6 +84,7 @@ def _chat(llm: Any, items: list[tuple[Conversation, Any]], prefill: bool, use_tq
             use_tqdm=use_tqdm,
             add_generation_prompt=not prefill,
             continue_final_message=prefill,
+            **({"chat_template_kwargs": template_kwargs} if template_kwargs else {}),
         )
     except EngineDeadError as exc:
         raise BackendUnavailableError(f"the vLLM engine died ({one_line(exc)}); see the log above for the cause") from exc
@@ -116,10 +117,11 @@ def _compact_json_default(engine_kwargs: dict[str, Any]) -> None:
         engine_kwargs.setdefault("structured_outputs_config", {"backend": "xgrammar", "disable_any_whitespace": True})
 
 
-def _sampling_params(sampling: SamplingSettings, seed: int | None) -> Any:
+def _sampling_params(sampling: SamplingSettings, seed: int | None, extra: dict[str, Any] | None = None) -> Any:
     from vllm import SamplingParams  # noqa: PLC0415
 
     return SamplingParams(
+        **(extra or {}),  # teacher.extra_body's SamplingParams fields (top_k, min_p, ...)
         n=sampling.n,
         temperature=sampling.temperature,
         top_p=sampling.top_p,
@@ -130,10 +132,14 @@ def _sampling_params(sampling: SamplingSettings, seed: int | None) -> Any:
     )
 
 
-def chat_with_llm(llm: Any, convs: list[Conversation], sampling: SamplingSettings, *, desc: str, progress: bool = True) -> list[Row]:
-    """Generate with a ``vllm.LLM``; prefilled and plain conversations go in separate ``chat`` calls."""
+def chat_with_llm(llm: Any, convs: list[Conversation], sampling: SamplingSettings, *, desc: str, progress: bool = True,
+                  options: dict[str, Any] | None = None) -> list[Row]:
+    """Generate with a ``vllm.LLM``; prefilled and plain conversations go in separate ``chat`` calls.
+    ``options``: the backend's request options (``sampling`` extras, ``chat_template_kwargs``)."""
+    options = options or {}
     # One SamplingParams per conversation (seed + index); invalid settings raise here, for the whole call.
-    params = [_sampling_params(sampling, request_seed(sampling, i)) for i in range(len(convs))]
+    params = [_sampling_params(sampling, request_seed(sampling, i), options.get("sampling")) for i in range(len(convs))]
+    template_kwargs = options.get("chat_template_kwargs")
     results: list[Row] = [[] for _ in convs]
     groups = {
         False: [i for i, c in enumerate(convs) if not is_prefilled(c)],
@@ -146,7 +152,8 @@ def chat_with_llm(llm: Any, convs: list[Conversation], sampling: SamplingSetting
         bar = _progress_factory(label) if progress else False
         items = [(convs[i], params[i]) for i in indices]
         # A progress bar for the whole group only, not for the halves of a batch that failed.
-        outs = isolate(items, lambda batch, p=prefill, b=bar, n=len(items): _chat(llm, batch, p, b if len(batch) == n else False), "vLLM chat")
+        outs = isolate(items, lambda batch, p=prefill, b=bar, n=len(items): _chat(llm, batch, p, b if len(batch) == n else False, template_kwargs),
+                       "vLLM chat")
         for i, out in zip(indices, outs):
             results[i] = out
     return results
@@ -171,7 +178,21 @@ def _shutdown_llm(llm: Any) -> None:
         log.debug("vLLM engine shutdown: %s", one_line(exc))
 
 
-def _dp_worker(rank: int, conn: Any, llm_kwargs: dict[str, Any], env: dict[str, str], cores: list[int] | None) -> None:
+def release_llm(llm: Any) -> None:
+    """Shut an in-process ``vllm.LLM`` down and tear down its distributed state, so that a later engine
+    in this process (another stage's, a reward model's) starts clean."""
+    _shutdown_llm(llm)
+    gc.collect()
+    try:
+        from vllm.distributed.parallel_state import cleanup_dist_env_and_memory  # noqa: PLC0415
+
+        cleanup_dist_env_and_memory()
+    except Exception as exc:  # noqa: BLE001 (best-effort cleanup)
+        log.debug("vLLM cleanup: %s", one_line(exc))
+
+
+def _dp_worker(rank: int, conn: Any, llm_kwargs: dict[str, Any], env: dict[str, str], cores: list[int] | None,
+               options: dict[str, Any] | None = None) -> None:
     """One data-parallel rank: own engine (on its GPUs, or on CPU its own cores), answers
     (conversations, sampling, desc) messages."""
     os.environ.update(env)
@@ -190,7 +211,7 @@ def _dp_worker(rank: int, conn: Any, llm_kwargs: dict[str, Any], env: dict[str, 
                 break
             convs, sampling, desc = msg
             try:
-                rows = chat_with_llm(llm, convs, sampling, desc=desc, progress=rank == 0)
+                rows = chat_with_llm(llm, convs, sampling, desc=desc, progress=rank == 0, options=options)
                 # An item's exception goes back as its one line (vLLM's exceptions need not pickle).
                 conn.send(("ok", [ItemFailed(one_line(r)) if isinstance(r, BaseException) else r for r in rows]))
             except BaseException as exc:  # noqa: BLE001
@@ -218,6 +239,7 @@ class VLLMEngineBackend(ChatBackend):
         seed: int = 0,
         chat_template: str | None = None,
         enforce_eager: bool = BackendConfig.enforce_eager,
+        request_options: dict[str, Any] | None = None,
         **engine_kwargs: Any,
     ) -> None:
         check_model_files(model, chat_template, "vLLM")
@@ -226,6 +248,7 @@ class VLLMEngineBackend(ChatBackend):
         from vllm.platforms import current_platform  # noqa: PLC0415 (heavy import)
 
         self.model = model
+        self.request_options = request_options or {}  # sampling extras and chat template variables (factory.engine_request_options)
         self.data_parallel_size = data_parallel_size
         self.on_cpu = current_platform.is_cpu()
         self.cpu_settings = None  # sandlab.inference.cpu_settings.CpuSettings on CPU
@@ -312,7 +335,7 @@ class VLLMEngineBackend(ChatBackend):
         ctx = multiprocessing.get_context("spawn")
         for rank, (env, cores) in enumerate(self._rank_placement(tp, dp)):
             parent, child = ctx.Pipe()
-            proc = ctx.Process(target=_dp_worker, args=(rank, child, self._llm_kwargs, env, cores), name=f"sandlab-vllm-dp{rank}")
+            proc = ctx.Process(target=_dp_worker, args=(rank, child, self._llm_kwargs, env, cores, self.request_options), name=f"sandlab-vllm-dp{rank}")
             proc.start()
             child.close()
             self._workers.append((proc, parent))
@@ -353,7 +376,7 @@ class VLLMEngineBackend(ChatBackend):
     def _generate(self, conversations: list[Conversation], sampling: SamplingSettings, *, desc: str) -> list[Row]:
         if self._workers:
             return self._generate_dp(conversations, sampling, desc)
-        return chat_with_llm(self.llm, conversations, sampling, desc=desc)
+        return chat_with_llm(self.llm, conversations, sampling, desc=desc, options=self.request_options)
 
     def close(self) -> None:
         if self.closed:
@@ -371,14 +394,7 @@ class VLLMEngineBackend(ChatBackend):
                 proc.join(timeout=10)
             conn.close()
         self._workers = []
-        if self.llm is not None:
-            _shutdown_llm(self.llm)
+        if self.llm is not None:  # data-parallel ranks tore their engines down themselves
+            release_llm(self.llm)
             self.llm = None
-        gc.collect()
-        try:
-            from vllm.distributed.parallel_state import cleanup_dist_env_and_memory  # noqa: PLC0415
-
-            cleanup_dist_env_and_memory()
-        except Exception as exc:  # noqa: BLE001 (best-effort cleanup)
-            log.debug("vLLM cleanup: %s", one_line(exc))
         self._restore_env()

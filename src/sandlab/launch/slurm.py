@@ -125,6 +125,22 @@ def check_submittable(cfg: RecipeConfig) -> None:
             raise ConfigError(f"{key}={value!r} does not exist (jobs run from {repo_root()}; give an absolute path or a Hub id)")
 
 
+def engine_args_to_flags(args: dict[str, Any]) -> list[str]:
+    """vllm.LLM keyword arguments as ``vllm serve`` flags, so one teacher config serves both ways:
+    ``max_num_seqs: 4096`` -> ``--max-num-seqs 4096``, ``enable_prefix_caching: false`` ->
+    ``--no-enable-prefix-caching``, a mapping or list -> its JSON."""
+    flags: list[str] = []
+    for key, value in args.items():
+        name = "--" + str(key).replace("_", "-")
+        if isinstance(value, bool):
+            flags.append(name if value else "--no-" + name[2:])
+        elif isinstance(value, (dict, list)):
+            flags += [name, json.dumps(value)]
+        elif value is not None:
+            flags += [name, str(value)]
+    return flags
+
+
 class JobPlanner:
     """Turns a validated recipe into Slurm jobs with rendered scripts."""
 
@@ -193,6 +209,7 @@ class JobPlanner:
         if teacher.chat_template:
             template = Path(teacher.chat_template)
             server_args += ["--chat-template", str(template if template.is_absolute() else self.repo / template)]
+        server_args += engine_args_to_flags(teacher.extra_engine_args)
         server_args += [str(a) for a in serve.extra_args]
         script = self.render(TEMPLATES["serve"], job_name=f"{self.recipe_name}-serve", res=serve.resources, nodes=serve.replicas, requeue=False,
                              endpoints_file=str(self.endpoints_file()), port=serve.port, served_model_name=teacher.model,
