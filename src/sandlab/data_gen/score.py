@@ -108,10 +108,9 @@ def _candidates(rec: Record, best_of_n: bool) -> list[str]:
 def score_records(ctx: StageContext, records: list[Record], offset: int = 0) -> tuple[list[Record], list[Record]]:
     cfg = ctx.cfg.data.score
     in_scope = [cfg.scope == ScoreScope.all or bool(r.get("unverified")) for r in records]
-    todo = [r for r, scoped in zip(records, in_scope) if scoped]
     kept: list[Record] = []
     dropped: list[Record] = []
-    plans = [(rec, _candidates(rec, cfg.best_of_n)) for rec in todo]
+    plans = [(rec, _candidates(rec, cfg.best_of_n)) for rec, scoped in zip(records, in_scope) if scoped]
     pairs = [(rec["problem"], _visible(text, cfg.include_reasoning)) for rec, texts in plans for text in texts]
     scored_by = f"judge:{ctx.cfg.teacher.model}" if cfg.scorer == Scorer.judge else f"reward_model:{cfg.reward_model.model}"
     if not pairs:  # nothing to score in this shard: no model loads
@@ -125,9 +124,10 @@ def score_records(ctx: StageContext, records: list[Record], offset: int = 0) -> 
         results, cut = [(s, None, None) for s in rewards.scores], rewards.truncated
     at = 0
     for rec, texts in plans:
-        mine, at = results[at:at + len(texts)], at + len(texts)
+        span = slice(at, at + len(texts))
+        at = span.stop
+        mine, n_cut = results[span], sum(cut[span])
         failures = Counter(reason for _, _, reason in mine if reason)
-        n_cut = sum(cut[at - len(texts):at])
         base = {**rec, "scored_by": scored_by, "candidate_scores": [s for s, _, _ in mine], **({"score_failures": dict(failures)} if failures else {}),
                 **({"score_inputs_cut": n_cut} if n_cut else {})}
         if not texts:
@@ -143,8 +143,8 @@ def score_records(ctx: StageContext, records: list[Record], offset: int = 0) -> 
             dropped.append({**rated, "reason": "below_threshold"})
         else:
             kept.append(rated)
-    scored = {r["id"]: r for r in kept}  # records out of scope (verified otherwise) pass unscored, in input order
-    return [scored.get(r["id"], r) for r, scoped in zip(records, in_scope) if not scoped or r["id"] in scored], dropped
+    rated_by_id = {r["id"]: r for r in kept}  # records out of scope (verified otherwise) pass unscored, in input order
+    return [rated_by_id.get(r["id"], r) for r, scoped in zip(records, in_scope) if not scoped or r["id"] in rated_by_id], dropped
 
 
 def select_top_fraction(ctx: StageContext, kept: list[Record], dropped: list[Record]) -> tuple[list[Record], list[Record]]:
