@@ -25,7 +25,7 @@ from typing import Any
 import numpy as np
 
 from sandlab.data_gen.taxonomy import Taxonomy
-from sandlab.embeddings import embed
+from sandlab.embeddings import embed, inner_product_index
 from sandlab.records import Record, write_json
 from sandlab.stages import Kind, Stage, StageContext
 from sandlab.text import normalize_text
@@ -127,8 +127,6 @@ def embedding_spread(vectors: np.ndarray, top_k: int = 10) -> dict[str, Any]:
 
 def near_duplicate_rate(vectors: np.ndarray, threshold: float, *, ivf_min_records: int = 20000, nprobe: int = 8) -> float:
     """Share of rows with at least one other row at cosine >= ``threshold`` (0.0 for n < 2)."""
-    from sandlab.embeddings import inner_product_index  # noqa: PLC0415  (faiss only when measured)
-
     vectors = np.ascontiguousarray(vectors, dtype=np.float32)
     n = len(vectors)
     if n < 2:
