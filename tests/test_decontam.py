@@ -75,7 +75,7 @@ class YesJudge(ChatBackend):
     def __init__(self):
         self.asked = []
 
-    def _generate(self, conversations, sampling, *, desc):
+    def _generate(self, conversations, sampling, *, desc, seeds):
         self.asked += conversations
         return [[Completion("Yes.")] for _ in conversations]
 
@@ -141,3 +141,43 @@ def test_decontamination_report_for_a_public_dataset_format(tmp_path):
     report = json.loads((out / "decontamination_report.json").read_text())
     assert [d["id"].split("-g")[0] for d in dropped] == ["leaked"] and report["contaminated"] == 1
     assert m500[7]["id"] in json.dumps(report)  # the matched test item is named
+
+
+def test_all_records_ngram_overlap_equals_the_one_text_rule(tmp_path):
+    """ngram_matches (all records at once, hashed n-grams) names the same item with the same score as
+    ngram_match (one text, word tuples) on records built from pieces of the test items: wrapped copies,
+    halves, mixtures of two items, short items inside text, and unrelated text."""
+    import random
+
+    from sandlab.data_gen.decontam import TestIndex, load_test_items
+    from sandlab.text import normalize_text
+
+    items = [{"id": f"t{i}", "problem": p} for i, p in enumerate([
+        "Find the number of positive integers n less than 1000 such that n squared ends in the digits 21.",
+        "Let triangle ABC have sides 13 14 and 15 and let I be its incenter; find the inradius of the triangle.",
+        "How many ways can 8 rooks be placed on a chessboard so that none attack each other and none is on the main diagonal?",
+        "Compute the sum of all real roots of x^4 - 5x^2 + 4.",
+        "What is the remainder of 2^100 mod 7?",
+        "Evaluate the integral of x squared.",  # 6 words, under ngram_n: found by substring search
+    ])]
+    path = tmp_path / "own.jsonl"
+    path.write_text("".join(json.dumps(it) + "\n" for it in items))
+    cfg = DecontamStage(benchmarks=[], extra_sets=[str(path)], ngram_n=8, ngram_overlap=0.4, embedding_model="embedded://minilm-l6-static")
+    index = TestIndex(load_test_items(cfg), cfg)
+    rng = random.Random(0)
+    words = [it["problem"].split() for it in items]
+    texts = []
+    for _ in range(300):
+        a, b = rng.sample(range(len(items)), 2)
+        cut = rng.randint(2, len(words[a]))
+        texts.append(rng.choice([
+            " ".join(words[a][:cut]) + " and also " + " ".join(words[b][cut // 2:]),
+            "Please solve: " + items[a]["problem"],
+            " ".join(rng.sample(words[a] + words[b], k=10)),
+            "An unrelated question about apples and pears in a basket.",
+        ]))
+    got_item, got_share = index.ngram_matches([normalize_text(t) for t in texts])
+    expected = [index.ngram_match(t) for t in texts]
+    assert [(int(i), float(s)) if i >= 0 else None for i, s in zip(got_item, got_share)] == expected
+    assert 30 < sum(m is not None for m in expected) < 290 and index.short
+    assert any(m is not None and m[0] == 5 for m in expected)  # the short item, inside other text

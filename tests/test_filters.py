@@ -89,14 +89,14 @@ def test_novelty_against_an_existing_corpus(tmp_path):
 
 def hiking_teacher(body: dict) -> list[str]:
     """Hikes by appending a twist; solves hiked problem A consistently (answer 12) and B inconsistently."""
-    prompt, n = body["messages"][0]["content"], body.get("n", 1)
+    prompt, n, seed = body["messages"][0]["content"], body.get("n", 1), body.get("seed") or 0
     if prompt_of(body)[0] == "hike":
         name = "A" if "apples" in prompt else "B"
         answer = 12 if name == "A" else 13
         return [f"<Q>Hiked problem {name}: using the theorem, find the count.</Q><S>Careful work gives \\boxed{{{answer}}}.</S>"]
     if "Hiked problem A" in prompt:
         return ["It is 12.\nFinal answer: 12"] * n
-    return [f"Final answer: {10 + i}" for i in range(n)]
+    return [f"Final answer: {10 + (seed + i) % 4}" for i in range(n)]  # each sample has its own seed
 
 
 def test_difficulty_hiking_rewrites_moderate_problems_and_refilters(tmp_path):

@@ -90,8 +90,11 @@ def science_teacher(body: dict) -> list[str]:
     a, b = map(int, re.findall(r"in (\d+) plus (\d+) moles", prompt)[0])
     options = {v: k for k, v in options_of(fields["problem"]).items()}
     right, other = options[f"{a + b} moles"], options[f"{a + b + 1} moles"]
-    picks = [right] * n if (a + b) % 2 == 0 else [right, other] * n
-    return [f"Adding gives {a + b}. The answer is ({p})." if i % 2 else f"Sum {a + b}, so \\boxed{{{p}}}" for i, p in enumerate(picks[:n])]
+    out = []
+    for s in range(seed, seed + n):  # each solution has its own seed: odd ones pick the other option on odd sums
+        p = other if (a + b) % 2 and s % 2 else right
+        out.append(f"Adding gives {a + b}. The answer is ({p})." if s % 2 else f"Sum {a + b}, so \\boxed{{{p}}}")
+    return out
 
 
 @pytest.mark.slow

@@ -671,3 +671,24 @@ def test_one_pass_brace_index_reads_every_box_like_the_scan():
         pairs = _brace_pairs(text)
         for match in _BOX_TOKEN.finditer(text):
             assert _boxed_span(text, match, pairs) == _boxed_span(text, match), text
+
+
+def test_duplicate_pairs_in_a_batch_keep_per_item_verdicts(pool):
+    """Identical (gold, prediction) pairs go to a worker once; every copy still gets its own slot."""
+    items = [GradeItem(r"\boxed{\frac{1}{2}}", "0.5"), GradeItem(r"\boxed{3}", "0.5")] * 4
+    results = pool.grade_many(items)
+    assert [r.correct for r in results] == [True, False] * 4
+    assert [r.pred for r in results] == [r"\frac{1}{2}", "3"] * 4
+
+
+def test_gold_cache_keeps_verdicts_per_item():
+    """One gold against several predictions, parsed once: each verdict is the prediction's own."""
+    from sandlab.grading import math_equiv
+
+    math_equiv._GOLD_CACHE.clear()
+    gold = r"\frac{3}{4}"
+    assert math_equal(gold, "0.75")
+    assert not math_equal(gold, "0.7")
+    assert math_equal(gold, r"\dfrac{6}{8}")
+    assert not math_equal(gold, r"\frac{4}{3}")
+    assert len([k for k in math_equiv._GOLD_CACHE if k[0] == gold]) == 1

@@ -96,7 +96,7 @@ class Scripted(ChatBackend):
     def __init__(self, rows):
         self.rows, self.calls = rows, []
 
-    def _generate(self, conversations, sampling, *, desc):
+    def _generate(self, conversations, sampling, *, desc, seeds):
         self.calls.append((len(conversations), sampling.n))
         return self.rows
 
@@ -259,6 +259,38 @@ def test_vllm_big_seeded_batch_runs(vllm_backend):
 
 
 @pytest.mark.vllm
+def test_vllm_adaptive_solve_draws_the_fixed_k_solutions(vllm_backend):
+    """data.solve.adaptive on the engine: each solution has its own seed, so the solutions of a round
+    are those of one round of k whatever else is in the batch; a stopped problem has a prefix of them."""
+    from pathlib import Path
+
+    from sandlab.config import AgreementStage, SolveStage
+    from sandlab.data_gen.agreement import filter_by_agreement
+    from sandlab.data_gen.solve import solve_problems
+    from sandlab.grading import GradingPool
+
+    root = Path(__file__).resolve().parents[1]
+    problems = [{"id": f"p{i}", "problem": f"What is {i} plus {i + 1}?", "reference_answer": str(2 * i + 1)} for i in range(6)]
+    solve = SolveStage(k=4, round_sizes=[1, 1, 2], sampling=SamplingSettings(temperature=1.0, max_tokens=8, seed=7))
+    with GradingPool(num_workers=1, timeout_s=5.0) as pool:
+        fixed = solve_problems(vllm_backend, problems, solve, root, seed_offset=3)
+        # Reference mode, one match needed: no problem can stop before its last round, so all three rounds run.
+        rounds = solve_problems(vllm_backend, problems, solve, root, seed_offset=3, agreement=AgreementStage(mode="reference", min_votes=1), pool=pool)
+        unanimity = AgreementStage()
+        adaptive = solve_problems(vllm_backend, problems, solve, root, seed_offset=3, agreement=unanimity, pool=pool)
+        kept = [[r["id"] for r in filter_by_agreement(recs, unanimity, pool, include_reference=True)[0]] for recs in (fixed, adaptive)]
+
+    def solution_texts(records):
+        return [[s["text"] for s in r["solutions"]] for r in records]
+
+    assert solution_texts(rounds) == solution_texts(fixed)
+    assert all(len(set(t)) > 1 for t in solution_texts(fixed))  # seeds differ per solution
+    assert any(r.get("solve_stopped") for r in adaptive) and kept[0] == kept[1]
+    for f, a in zip(solution_texts(fixed), solution_texts(adaptive)):
+        assert a == f[: len(a)]
+
+
+@pytest.mark.vllm
 def test_vllm_engine_computes_on_every_usable_core_of_a_small_machine(vllm_backend):
     """vLLM reserves a core per worker for its scheduler; on a machine of <= FEW_CORES cores sandlab
     reserves none, so the worker's OpenMP threads are bound across all usable cores."""
@@ -359,6 +391,9 @@ def test_vllm_data_parallel_ranks_on_their_own_cores_sample_like_one_engine(vllm
         assert [len(r) for r in out] == [2] * 5
         assert all(c.finish_reason == "error" and "1024" in c.error for c in out[2])  # rank 1's failed item, as one line
         assert texts(out[:2] + out[3:]) == texts(one_engine[:2] + one_engine[3:])
+        seeds = [40, 3, 17, 5, 11]  # explicit per-conversation seeds travel with each rank's shard
+        assert texts(dp.generate(batch[:2] + batch[3:], sampling, seeds=seeds[:2] + seeds[3:])) == \
+            texts(vllm_backend.generate(batch[:2] + batch[3:], sampling, seeds=seeds[:2] + seeds[3:]))
         greedy = vllm_backend.generate([CONVS[2]], SamplingSettings(n=1, temperature=0.0, max_tokens=6))[0][0].text
         assert texts(dp.generate([CONVS[2]] * 2, SamplingSettings(n=3, temperature=0.0, max_tokens=6))) == [[greedy] * 3] * 2
     finally:

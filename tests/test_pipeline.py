@@ -57,7 +57,7 @@ def teacher_replies(body: dict) -> list[str]:
         return [PROBLEM_TEMPLATES[seed % len(PROBLEM_TEMPLATES)].format(a=a, b=b)]
     a, b = map(int, re.findall(r"\d+", prompt)[:2])
     disagree = prompt.startswith("A rectangle")
-    return [f"We add {a} and {b}.\nFinal answer: {a + b + (i if disagree else 0)}" for i in range(n)]
+    return [f"We add {a} and {b}.\nFinal answer: {a + b + ((seed + i) % 3 if disagree else 0)}" for i in range(n)]  # a seed per solution
 
 
 def ScriptedTeacher(delay_s: float = 0.0) -> ChatStub:  # noqa: N802 (reads like the class it builds)
@@ -97,6 +97,9 @@ def test_whole_recipe_with_a_teacher_server(tmp_path):
     assert funnel["generate"]["teacher_tokens"] == 120 and funnel["solve"]["teacher_tokens"] == 360
     accepted = funnel["export"]["out"]
     assert f"Throughput: {accepted} accepted problems, 480 teacher tokens ({480 / accepted:,.0f} per accepted problem)" in report
+    # 2-of-3 majority is decided by the grader: adaptive rounds, none stopped (a third answer can always still tie-break).
+    assert "12 problems, k = 3, adaptive rounds of 1, 1, 1: 36 of 36 solutions drawn; 0 problems stopped early" in report
+    assert json.loads((run_dir / "data/solve.json").read_text())["solutions_drawn"] == 36
     assert len((run_dir / "eval/tuned/math500/samples.jsonl").read_text().splitlines()) == 2
     # W&B (offline): one run of the whole pipeline, the dataset and the eval tables as artifacts.
     tracked = run_summary(run_dir)
@@ -286,10 +289,10 @@ def test_distillation_mode_keeps_traces_that_match_the_reference(tmp_path):
     source.write_text("".join(json.dumps({"id": f"p{i}", "question": q, "gold": a}) + "\n" for i, (q, a) in enumerate(problems)))
 
     def teacher(body):  # right on the first two problems (once of twice on the second), wrong on the third
-        prompt, n = body["messages"][0]["content"], body.get("n", 1)
+        prompt, n, seed = body["messages"][0]["content"], body.get("n", 1), body.get("seed") or 0
         answers = {"12 plus 30": ["42", "42"], "3 times 7": ["20", "21"], "half of 50": ["24", "26"]}
         picked = next(v for k, v in answers.items() if k in prompt)
-        return [f"Thinking it through.\nFinal answer: {a}" for a in picked[:n]]
+        return [f"Thinking it through.\nFinal answer: {picked[(seed + i) % 2]}" for i in range(n)]  # solution j: seed 1000 + 2p + j
 
     stub = ChatStub(teacher)
     run_dir = tmp_path / "run"

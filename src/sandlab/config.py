@@ -228,6 +228,18 @@ class SolveStage:
     prompt: str = "data_gen/prompts/solve.txt"
     include_reference: bool = True  # count the teacher's reference answer as one vote
     sampling: SamplingSettings = field(default_factory=SamplingSettings)
+    # Sample in rounds and give a problem no more solutions once data.agreement can no longer keep it
+    # (modes majority and reference, without llm_judge). A problem that can still be kept gets all k,
+    # and each solution has its own seed, so the kept problems are exactly those of one round of k.
+    adaptive: bool = True
+    # Solutions per round; null: 1, 1, 2, 4, ... (each round doubles what was sampled), the last cut at k.
+    round_sizes: Optional[list[int]] = None
+
+    def __post_init__(self) -> None:
+        if self.k < 1:
+            raise ConfigError(f"data.solve.k={self.k} must be at least 1")
+        if self.round_sizes is not None and (not self.round_sizes or any(int(n) < 1 for n in self.round_sizes)):
+            raise ConfigError(f"data.solve.round_sizes={list(self.round_sizes)} must be positive sample counts (or null for doubling rounds)")
 
 
 @dataclass
@@ -337,19 +349,25 @@ class DiversityStage:
     embedding_model: str = "embedded://all-minilm-l6-v2"
     near_duplicate_threshold: float = 0.9  # cosine, as data.dedup.threshold
     batch_size: int = 64
+    embedding_device: str = "auto"  # auto (cuda when torch sees one) | cpu | cuda; static model2vec models always run on CPU
     distinct_n: list[int] = field(default_factory=lambda: [1, 2, 3])
 
     def __post_init__(self) -> None:
+        if self.embedding_device not in ("auto", "cpu", "cuda"):
+            raise ConfigError(f"data.diversity.embedding_device={self.embedding_device!r}: choose auto, cpu or cuda")
         if self.max_per_leaf is not None and self.max_per_leaf < 1:
             raise ConfigError(f"data.diversity.max_per_leaf={self.max_per_leaf} must be at least 1 (or null: measure only)")
 
 
 @dataclass
 class DedupStage:
+    # embedded://all-minilm-l6-v2 (quality) or embedded://minilm-l6-static (model2vec, ~100x faster on CPU: 1M records).
     embedding_model: str = "embedded://all-minilm-l6-v2"
-    # Cosine threshold is tied to the embedding model: 0.9 for all-MiniLM-L6-v2.
+    # Cosine threshold is tied to the embedding model: 0.9 for all-MiniLM-L6-v2; about 0.95 for minilm-l6-static
+    # (its cosines run higher; measured on planted near-copies, data_gen/bench_dedup_decontam.py --sweep).
     threshold: float = 0.9
-    batch_size: int = 64
+    batch_size: int = 64  # texts per embedding batch (raise on a GPU)
+    embedding_device: str = "auto"  # auto (cuda when torch sees one) | cpu | cuda; static model2vec models always run on CPU
     neighbours: int = 10  # top-k neighbours checked per record
     ivf_min_records: int = 20000  # exact faiss search below this, IVF (approximate, ~linear) above
     nprobe: int = 8
@@ -358,6 +376,10 @@ class DedupStage:
     minhash_bands: int = 16
     minhash_shingle: int = 3
     minhash_threshold: float = 0.8
+
+    def __post_init__(self) -> None:
+        if self.embedding_device not in ("auto", "cpu", "cuda"):
+            raise ConfigError(f"data.dedup.embedding_device={self.embedding_device!r}: choose auto, cpu or cuda")
 
 
 @dataclass
@@ -371,11 +393,16 @@ class DecontamStage:
     ngram_overlap: float = 0.5
     embedding_model: str = "embedded://all-minilm-l6-v2"
     embedding_top_k: int = 3
-    embedding_threshold: float = 0.92  # cosine for all-MiniLM-L6-v2
+    embedding_threshold: float = 0.92  # cosine for all-MiniLM-L6-v2; about 0.95 for embedded://minilm-l6-static
     # With llm_judge, candidates between judge_threshold and embedding_threshold go to the teacher.
     llm_judge: bool = False
     judge_threshold: float = 0.7
     batch_size: int = 64
+    embedding_device: str = "auto"  # auto (cuda when torch sees one) | cpu | cuda; static model2vec models always run on CPU
+
+    def __post_init__(self) -> None:
+        if self.embedding_device not in ("auto", "cpu", "cuda"):
+            raise ConfigError(f"data.decontam.embedding_device={self.embedding_device!r}: choose auto, cpu or cuda")
 
 
 @dataclass
@@ -423,6 +450,11 @@ class NoveltyStage:
     batch_size: int = 64
     ivf_min_records: int = 20000  # exact faiss search over corpora below this size, IVF above
     nprobe: int = 8
+    embedding_device: str = "auto"  # auto (cuda when torch sees one) | cpu | cuda; static model2vec models always run on CPU
+
+    def __post_init__(self) -> None:
+        if self.embedding_device not in ("auto", "cpu", "cuda"):
+            raise ConfigError(f"data.novelty.embedding_device={self.embedding_device!r}: choose auto, cpu or cuda")
 
 
 @dataclass

@@ -1,30 +1,79 @@
-"""Sentence embeddings (shared by dedup, decontamination and novelty filters)."""
+"""Sentence embeddings (shared by dedup, decontamination, novelty and diversity).
+
+Two kinds of model, chosen per stage by its ``embedding_model``: sentence-transformers models
+(``embedded://all-minilm-l6-v2``, the default where quality matters; on ``device`` cpu/cuda) and
+model2vec static models (``embedded://minilm-l6-static``, distilled from MiniLM: a token-embedding
+lookup plus mean, ~100x faster on CPU, used for very large sets; thresholds differ, see DedupStage).
+"""
 
 from __future__ import annotations
 
 import hashlib
+import json
 import os
+import re
+from array import array
 from functools import lru_cache
+from pathlib import Path
 
 import numpy as np
 
+from sandlab.errors import ConfigError
 from sandlab.models import cache_dir, resolve_model_path
+
+DEVICES = ("auto", "cpu", "cuda")
+
+
+def resolve_device(device: str = "auto") -> str:
+    """``auto``: cuda when torch sees a GPU, else cpu. ``cuda`` without one stops with one line."""
+    if device not in DEVICES:
+        raise ConfigError(f"embedding device={device!r}: choose one of {list(DEVICES)}")
+    if device == "cpu":
+        return "cpu"
+    import torch  # noqa: PLC0415
+
+    available = torch.cuda.is_available()
+    if device == "cuda" and not available:
+        raise ConfigError("embedding device='cuda' but torch sees no CUDA GPU; set the stage's embedding_device to auto or cpu")
+    return "cuda" if available else "cpu"
+
+
+def is_static_model(path: str) -> bool:
+    """A model2vec static model (config.json with model_type model2vec)."""
+    config = Path(path) / "config.json"
+    if not config.exists():
+        return False
+    try:
+        return json.loads(config.read_text()).get("model_type") == "model2vec"
+    except (OSError, ValueError):
+        return False
 
 
 @lru_cache(maxsize=2)
-def _load(path: str):
+def _load(path: str, device: str = "cpu"):
     from sentence_transformers import SentenceTransformer  # noqa: PLC0415
 
-    return SentenceTransformer(path, device="cpu")
+    return SentenceTransformer(path, device=device)
+
+
+@lru_cache(maxsize=2)
+def _load_static(path: str):
+    try:
+        from model2vec import StaticModel  # noqa: PLC0415
+    except ImportError:
+        raise ConfigError(f"embedding model {path} is a model2vec static model but model2vec is not installed; run: pip install -e . (or make models)") from None
+    return StaticModel.from_pretrained(path)
 
 
 def embed(
-    texts: list[str], *, model: str = "embedded://all-minilm-l6-v2", batch_size: int = 64, progress: bool = True, cache: bool = False
+    texts: list[str], *, model: str = "embedded://all-minilm-l6-v2", batch_size: int = 64, progress: bool = True,
+    cache: bool = False, device: str = "auto",
 ) -> np.ndarray:
     """L2-normalized float32 embeddings, so inner product = cosine similarity.
 
-    ``cache=True`` keeps the result on disk keyed by model and texts: for fixed sets embedded on every
-    run (the test benchmarks in decontamination).
+    Dispatches on the model: model2vec static models run on CPU (numpy), sentence-transformers models
+    on ``device`` (auto: cuda when torch sees one). ``cache=True`` keeps the result on disk keyed by
+    model and texts: for fixed sets embedded on every run (the test benchmarks in decontamination).
     """
     path = resolve_model_path(model, what="embedding_model")
     if cache:
@@ -32,18 +81,112 @@ def embed(
         cached = cache_dir() / "embeddings" / f"{digest}.npy"
         if cached.exists():
             return np.load(cached)
-        vectors = embed(texts, model=model, batch_size=batch_size, progress=progress)
+        vectors = embed(texts, model=model, batch_size=batch_size, progress=progress, device=device)
         cached.parent.mkdir(parents=True, exist_ok=True)
         tmp = cached.with_name(f".{cached.stem}-{os.getpid()}.npy")
         np.save(tmp, vectors)
         os.replace(tmp, cached)
         return vectors
-    encoder = _load(path)
+    if is_static_model(path):
+        return _embed_static_reusing_last(path, texts, batch_size)
+    encoder = _load(path, resolve_device(device))
     vectors = encoder.encode(
         texts, batch_size=batch_size, show_progress_bar=progress and len(texts) > batch_size,
         convert_to_numpy=True, normalize_embeddings=True,
     )
     return np.asarray(vectors, dtype=np.float32)
+
+
+# BERT-style normalization and pre-tokenization of plain ASCII text (lower case, words of letters and
+# digits, every other printable character its own piece), as the tokenizer of the distilled model
+# does it; other text (non-ASCII, control characters) goes through the tokenizer itself.
+_ASCII_PIECES = re.compile(r"[a-z0-9]+|[^a-z0-9\s]")
+_CONTROL = re.compile(r"[\x00-\x08\x0b\x0c\x0e-\x1f\x7f]")
+
+
+# path -> ({text: row}, normalized vectors) of the last static-model call in this process: dedup and then
+# decontamination of the records it kept (one data job) embed each text once.
+_LAST_STATIC: dict[str, tuple[dict[str, int], np.ndarray]] = {}
+
+
+def _embed_static_reusing_last(path: str, texts: list[str], batch_size: int) -> np.ndarray:
+    if not texts:
+        return np.zeros((0, _load_static(path).dim), dtype=np.float32)
+    rows_of, previous = _LAST_STATIC.pop(path, ({}, None))
+    rows = np.fromiter((rows_of.get(t, -1) for t in texts), dtype=np.int64, count=len(texts))
+    missing = np.flatnonzero(rows < 0)
+    out = np.empty((len(texts), previous.shape[1] if previous is not None else 0), dtype=np.float32)
+    if missing.size:
+        fresh = encode_static(_load_static(path), [texts[i] for i in missing.tolist()], batch_size=batch_size)
+        fresh /= np.maximum(np.linalg.norm(fresh, axis=1, keepdims=True), 1e-12)
+        out = np.empty((len(texts), fresh.shape[1]), dtype=np.float32)
+        out[missing] = fresh
+    if previous is not None and missing.size < len(texts):
+        known = np.flatnonzero(rows >= 0)
+        out[known] = previous[rows[known]]
+    del rows_of, previous
+    _LAST_STATIC.clear()  # one model's vectors at a time
+    _LAST_STATIC[path] = ({t: i for i, t in enumerate(texts)}, out)
+    return out.copy()
+
+
+def encode_static(model, texts: list[str], *, batch_size: int = 1024) -> np.ndarray:
+    """model2vec's ``encode`` (mean of the token embeddings, unknown tokens dropped) with each distinct
+    word tokenized once: a static model's mean depends only on the bag of tokens, and WordPiece cuts each
+    pre-tokenized word alone, so a text's tokens are its words' tokens. Texts the shortcut cannot read
+    exactly (non-ASCII or control characters, or long enough for model2vec's truncation) and models with
+    token weights or a token mapping use ``model.encode`` itself. Equal to it up to float16 rounding
+    (tests/test_embeddings.py); about 8x faster on repetitive corpora (docs/PERFORMANCE.md)."""
+    import scipy.sparse  # noqa: PLC0415
+
+    n = len(texts)
+    if not n:
+        return np.zeros((0, model.dim), dtype=np.float32)
+    if getattr(model, "token_mapping", None) is not None or getattr(model, "weights", None) is not None:
+        return np.asarray(model.encode(texts, batch_size=max(batch_size, 1024), show_progress_bar=False), dtype=np.float32).reshape(n, -1)
+    max_length = model.max_length
+    char_cap = max_length * model.median_token_length if max_length else None
+    columns: dict[str, int] = {}
+    cols = array("i")  # machine integers (a Python list of 10^8 ints would cost gigabytes)
+    lengths = np.zeros(n, dtype=np.int64)
+    slow: list[int] = []
+    specials = [t.content for t in model.tokenizer.get_added_tokens_decoder().values()]
+    special = re.compile("|".join(map(re.escape, specials)), re.IGNORECASE) if specials else None
+    for i, text in enumerate(texts):
+        if (not text.isascii() or _CONTROL.search(text) or (char_cap is not None and len(text) > char_cap)
+                or (special is not None and special.search(text))):  # "[UNK]" written in a text is one token
+            slow.append(i)
+            continue
+        words = _ASCII_PIECES.findall(text.lower())
+        lengths[i] = len(words)
+        cols.extend([columns.setdefault(w, len(columns)) for w in words])
+    table = np.asarray(model.embedding, dtype=np.float32)
+    dim = table.shape[1]
+    word_sum = np.zeros((len(columns), dim), dtype=np.float32)
+    word_tokens = np.zeros(len(columns), dtype=np.float32)  # tokens kept (unknown ones dropped)
+    word_all = np.zeros(len(columns), dtype=np.int64)  # tokens before dropping: model2vec truncates on these
+    if columns:
+        unk, vocab = model.unk_token_id, list(columns)
+        for lo in range(0, len(vocab), 65536):
+            for w, enc in enumerate(model.tokenizer.encode_batch_fast(vocab[lo : lo + 65536], add_special_tokens=False), start=lo):
+                ids = [t for t in enc.ids if t != unk]
+                word_all[w], word_tokens[w] = len(enc.ids), len(ids)
+                if ids:
+                    word_sum[w] = table[ids].sum(axis=0)
+    indptr = np.zeros(n + 1, dtype=np.int64)
+    np.cumsum(lengths, out=indptr[1:])
+    bags = scipy.sparse.csr_matrix((np.ones(len(cols), dtype=np.float32), np.frombuffer(cols, dtype=np.int32), indptr),
+                                   shape=(n, len(columns)))
+    vectors = np.asarray(bags @ word_sum, dtype=np.float32)
+    tokens = bags @ word_tokens
+    if max_length:  # more tokens than model2vec keeps: its own truncation decides
+        slow += np.flatnonzero(bags @ word_all.astype(np.float32) > max_length).tolist()
+    vectors /= np.maximum(tokens, 1.0)[:, None]
+    if slow:
+        slow = sorted(set(slow))
+        vectors[slow] = np.asarray(model.encode([texts[i] for i in slow], batch_size=max(batch_size, 1024),
+                                                show_progress_bar=False, use_multiprocessing=False), dtype=np.float32)
+    return vectors
 
 
 def inner_product_index(vectors: np.ndarray, *, ivf_min_records: int = 20000, nprobe: int = 8):

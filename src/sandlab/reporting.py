@@ -156,6 +156,22 @@ def score_markdown(summary: dict[str, Any]) -> list[str]:
     return lines
 
 
+def solve_markdown(summary: dict[str, Any], funnel: list[dict[str, Any]]) -> list[str]:
+    """The solve stage's sampling (data/solve.json) for report.md, per problem the filter accepted."""
+    k, n = summary["k"], summary["problems"]
+    rounds = ", ".join(map(str, summary["round_sizes"]))
+    lines = [f"{n} problems, k = {k}, {'adaptive rounds of ' + rounds if summary['adaptive'] else 'one round (fixed k)'}: "
+             f"{summary['solutions_drawn']} of {k * n} solutions drawn; {summary['stopped_early']} problems stopped early, "
+             f"{summary['solutions_skipped']} solutions (about {summary['completion_tokens_skipped_est']} tokens) skipped."]
+    accepted = next((row["out"] for row in funnel if row["stage"] == "filter"), None)
+    if accepted:
+        fixed = summary["completion_tokens"] + summary["completion_tokens_skipped_est"]
+        lines.append(f"Solve tokens per accepted problem: {summary['completion_tokens'] / accepted:.0f}"
+                     + (f" (fixed k, estimated: {fixed / accepted:.0f}, {100 * (1 - summary['completion_tokens'] / fixed):.0f}% fewer with adaptive rounds)"
+                        if summary["adaptive"] and fixed else "") + f"; {accepted} accepted.")
+    return lines
+
+
 def diversity_markdown(report: dict[str, Any]) -> list[str]:
     """The diversity stage's measures (data/diversity.json) for report.md."""
     distinct = ", ".join(f"{k} {v:.3f}" for k, v in report["distinct"].items())
@@ -176,7 +192,7 @@ def diversity_markdown(report: dict[str, Any]) -> list[str]:
 
 def write_results(results: dict[str, dict[str, dict[str, Any]]], funnel: list[dict[str, Any]], run_dir: Path, title: str) -> str:
     """results[model][benchmark] = metrics. Writes results.csv and report.md; returns the markdown.
-    data/score.json and data/diversity.json, where the run has them, get their own sections."""
+    data/solve.json, data/score.json and data/diversity.json, where the run has them, get their own sections."""
     benchmarks = sorted({b for per_model in results.values() for b in per_model})
     with open(run_dir / "results.csv", "w", newline="") as fh:
         writer = csv.writer(fh)
@@ -197,6 +213,8 @@ def write_results(results: dict[str, dict[str, dict[str, Any]]], funnel: list[di
         if (run_dir / "distributions.png").exists():
             lines += ["![distributions](distributions.png)", ""]
     data_dir = run_dir / "data"
+    if (data_dir / "solve.json").exists():
+        lines += ["## Solve", "", *solve_markdown(json.loads((data_dir / "solve.json").read_text()), funnel), ""]
     if (data_dir / "score.json").exists():
         lines += ["## Quality scores", "", *score_markdown(json.loads((data_dir / "score.json").read_text())), ""]
     if (data_dir / "diversity.json").exists():

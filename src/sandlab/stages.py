@@ -72,7 +72,8 @@ class Stage:
     name: str
     kind: Kind
     run: Callable[..., Any]
-    config: tuple[str, ...] = ()  # config sections the output depends on: a changed one blocks skipping on rerun
+    # Config sections the output depends on (or a function of the recipe giving them): a changed one blocks skipping on rerun.
+    config: tuple[str, ...] | Callable[[RecipeConfig], tuple[str, ...]] = ()
     hint: str = ""  # what to change when the stage keeps nothing
     per_record: bool = False  # records are independent: it runs shard by shard and resumes at the first unfinished shard
     # Per-record stages: a step over all records after the shards, ``finish(ctx, kept, dropped) -> (kept, dropped)``,
@@ -88,6 +89,9 @@ class Stage:
     make_inputs: Callable[[StageContext], list[Record]] | None = None  # a first stage builds its own input
     input_fields: tuple[str, ...] = ()  # fields every input record needs
     input_hint: str = ""  # what to run first when they are missing
+
+    def config_keys(self, cfg: RecipeConfig) -> tuple[str, ...]:
+        return self.config(cfg) if callable(self.config) else self.config
 
     @property
     def job(self) -> str:

@@ -285,3 +285,62 @@ def filter_by_agreement(
         chosen = rec["solutions"][solution_ids[0]]["text"] if solution_ids else rec["reference_solution"]
         kept.append({**rec, **stats, "answer": answer, "solution": chosen})
     return kept, dropped
+
+
+def decides_early(cfg: AgreementStage) -> bool:
+    """Whether a problem's drop can be read off part of its solutions: the grader's verdicts decide
+    (modes majority and reference); the judge could still supply answers or merge clusters later."""
+    return cfg.mode in ("majority", "reference") and not cfg.llm_judge
+
+
+def cannot_be_kept(records: list[Record], k: int, cfg: AgreementStage, pool: GradingPool, *, include_reference: bool) -> list[bool]:
+    """For records holding the first solutions of ``k`` (in sample order): True where no later
+    solutions can make ``filter_by_agreement`` / ``filter_by_reference`` keep the problem, so the
+    solve stage samples it no further (``data.solve.adaptive``).
+
+    Majority: greedy clustering is prefix-stable (an answer joins the first earlier representative it
+    equals), so the clusters of the solutions so far stay as they are; the reference vote, compared
+    last, joins the first of them it equals (or a later one). A cluster can grow by at most the
+    ``m`` solutions still to come (+1 for the reference), a new one to at most ``m`` (+1). Dropped if
+    even that best case misses ``min_votes`` or ``min_agreement`` of the full ``k`` (+1) votes.
+    Reference: dropped if the matches so far plus ``m`` miss ``min_votes``.
+    """
+    verdicts = [False] * len(records)
+    if not decides_early(cfg):
+        return verdicts
+    groups, kinds, where = [], [], []
+    items: list[GradeItem] = []
+    item_of: list[tuple[int, int]] = []  # reference mode: (record, first item index)
+    for r, rec in enumerate(records):
+        m = k - len(rec["solutions"])
+        if cfg.mode == "reference":
+            if rec.get("reference_answer") in (None, ""):
+                continue  # keep_unreferenced: kept or dropped by the score stage, not by answers
+            item_of.append((r, len(items)))
+            items += [GradeItem(response=s["text"], gold=str(rec["reference_answer"]), kind=answer_kind(rec), rule=AnswerRule.multi)
+                      for s in rec["solutions"]]
+            continue
+        if answer_kind(rec) in ("code", "open"):
+            continue
+        answers = [s["answer"] for s in rec["solutions"] if s.get("answer")]
+        with_reference = bool(include_reference and rec.get("reference_answer"))
+        groups.append(answers + ([str(rec["reference_answer"])] if with_reference else []))
+        kinds.append(answer_kind(rec))
+        where.append((r, m, len(answers), with_reference))
+    if cfg.mode == "reference":
+        grades = pool.grade_many(items) if items else []
+        for r, start in item_of:
+            n = len(records[r]["solutions"])
+            matches = sum(g.correct for g in grades[start:start + n])
+            verdicts[r] = matches + (k - n) < cfg.min_votes
+        return verdicts
+    for (r, m, n_answers, with_reference), clusters in zip(where, cluster_answers_many(groups, pool, kinds) if groups else []):
+        ref = n_answers if with_reference else None  # the reference's position in its group
+        best = m + (1 if with_reference and not any(ref in c and c[0] != ref for c in clusters) else 0)  # a new cluster
+        for c in clusters:
+            if c[0] == ref:
+                continue  # the reference's own cluster: counted as a new one above
+            best = max(best, len(c) + m)  # the reference, if in it, is already one of len(c)
+        total = k + (1 if with_reference else 0)
+        verdicts[r] = best < cfg.min_votes or best / total < cfg.min_agreement
+    return verdicts

@@ -24,7 +24,7 @@ from sandlab.errors import ConfigError
 from sandlab.inference.base import ChatBackend
 from sandlab.records import Record, read_jsonl, write_json
 from sandlab.stages import Kind, Stage, StageContext
-from sandlab.text import normalize_text, text_key, word_ngrams
+from sandlab.text import ngram_hashes, normalize_text, word_hashes, word_ngrams
 
 MIN_SHORT_WORDS = 4
 JUDGE_PROMPT = """Do these two texts pose the same problem (identical, reformatted, or paraphrased, possibly with \
@@ -59,7 +59,7 @@ class TestIndex:
         import faiss  # noqa: PLC0415
 
         self.items, self.cfg = items, cfg
-        self.exact = {text_key(it["problem"]): i for i, it in enumerate(items)}
+        self.exact = {normalize_text(it["problem"]): i for i, it in enumerate(items)}
         self.ngram_counts = []
         self.postings: dict[tuple[str, ...], list[int]] = defaultdict(list)
         # Test items shorter than n words have no n-gram to find inside a longer record: a wrapped copy
@@ -78,12 +78,59 @@ class TestIndex:
             self.ngram_counts.append(len(grams))
             for gram in grams:
                 self.postings[gram].append(i)
-        vectors = embed([it["problem"] for it in items], model=cfg.embedding_model, batch_size=cfg.batch_size, cache=True)
+        vectors = embed([it["problem"] for it in items], model=cfg.embedding_model, batch_size=cfg.batch_size, device=cfg.embedding_device, cache=True)
         self.index = faiss.IndexFlatIP(vectors.shape[1])
         self.index.add(vectors)
 
-    def ngram_match(self, text: str) -> tuple[int, float] | None:
-        normalized = normalize_text(text)
+        # Every item's distinct n-grams as (64-bit hash, item), sorted by hash: the overlap of all records
+        # with all items is then a few array operations (``ngram_matches``). Two different n-grams
+        # sharing a hash is a 2^-64 event; ``ngram_match`` is the same rule, one text at a time.
+        hashes, lengths, starts = word_hashes([normalize_text(it["problem"]) if self.ngram_counts[i] else "" for i, it in enumerate(items)])
+        grams, owner = ngram_hashes(hashes, lengths, starts, cfg.ngram_n)
+        pairs = np.unique(np.stack([grams, owner.astype(np.uint64)], axis=1), axis=0)
+        self.gram_hash, self.gram_item = pairs[:, 0].copy(), pairs[:, 1].astype(np.int64)
+        self.gram_total = np.maximum(np.asarray(self.ngram_counts, dtype=np.float64), 1.0)
+
+    def ngram_matches(self, normalized: list[str]) -> tuple[np.ndarray, np.ndarray]:
+        """For each (normalized) record, the test item ``ngram_match`` would name and its score (-1, 0.0
+        for none): a short item found inside it (score 1.0), else the item with the largest share of
+        its n-grams in the record (ties: the later item), if that share reaches ``ngram_overlap``."""
+        n, n_items = len(normalized), max(len(self.items), 1)
+        best_item, best_share = np.full(n, -1, dtype=np.int64), np.zeros(n)
+        grams, owner = ngram_hashes(*word_hashes(normalized), self.cfg.ngram_n)
+        lo = np.searchsorted(self.gram_hash, grams, "left")
+        hi = np.searchsorted(self.gram_hash, grams, "right")
+        hit = hi > lo
+        grams, owner, lo, hi = grams[hit], owner[hit], lo[hit], hi[hit]
+        if grams.size:
+            order = np.lexsort((grams, owner))  # a record's n-grams count once (word_ngrams is a set)
+            grams, owner, lo, hi = grams[order], owner[order], lo[order], hi[order]
+            first = np.ones(len(grams), dtype=bool)
+            first[1:] = (owner[1:] != owner[:-1]) | (grams[1:] != grams[:-1])
+            owner, lo, hi = owner[first], lo[first], hi[first]
+            counts = hi - lo  # items holding this n-gram
+            before = np.cumsum(counts) - counts
+            positions = np.repeat(lo - before, counts) + np.arange(int(counts.sum()))
+            keys, hits = np.unique(np.repeat(owner, counts) * n_items + self.gram_item[positions], return_counts=True)
+            rec, item = keys // n_items, keys % n_items
+            share = hits / self.gram_total[item]
+            order = np.lexsort((item, share, rec))  # per record: largest share last, ties by item
+            last = np.ones(len(order), dtype=bool)
+            last[:-1] = rec[order][1:] != rec[order][:-1]
+            chosen = order[last]
+            passed = chosen[share[chosen] >= self.cfg.ngram_overlap]
+            best_item[rec[passed]], best_share[rec[passed]] = item[passed], share[passed]
+        if self.short:  # a handful of needles: substring search, which wins over n-grams as in ngram_match
+            for r, text in enumerate(normalized):
+                padded = f" {text} "
+                for needle, i in self.short:
+                    if needle in padded:
+                        best_item[r], best_share[r] = i, 1.0
+                        break
+        return best_item, best_share
+
+    def ngram_match(self, text: str, *, normalized: bool = False) -> tuple[int, float] | None:
+        normalized = text if normalized else normalize_text(text)
         if self.short:
             padded = f" {normalized} "
             for needle, i in self.short:
@@ -123,20 +170,20 @@ def decontaminate(
     index = TestIndex(items, cfg)
     verdicts: dict[int, dict[str, Any]] = {}
     unresolved = []
-    for r, rec in enumerate(tqdm(records, desc="decontam (exact, n-gram)", unit="record", dynamic_ncols=True)):
-        hit = index.exact.get(text_key(rec[field]))
+    normalized = [normalize_text(rec[field]) for rec in tqdm(records, desc="decontam (exact, n-gram)", unit="record", dynamic_ncols=True)]
+    ngram_item, ngram_share = index.ngram_matches(normalized)
+    for r in range(len(records)):
+        hit = index.exact.get(normalized[r])
         if hit is not None:
             verdicts[r] = _evidence(items[hit], "exact", 1.0)
-            continue
-        match = index.ngram_match(rec[field])
-        if match is not None:
-            verdicts[r] = _evidence(items[match[0]], "ngram", match[1])
+        elif ngram_item[r] >= 0:
+            verdicts[r] = _evidence(items[ngram_item[r]], "ngram", ngram_share[r])
         else:
             unresolved.append(r)
     candidates: list[tuple[int, int, float]] = []
     if unresolved:
         if vectors is None:
-            queries = embed([records[r][field] for r in unresolved], model=cfg.embedding_model, batch_size=cfg.batch_size)
+            queries = embed([records[r][field] for r in unresolved], model=cfg.embedding_model, batch_size=cfg.batch_size, device=cfg.embedding_device)
         else:
             queries = vectors[unresolved]
         scores, ids = index.index.search(np.ascontiguousarray(queries, dtype=np.float32), min(cfg.embedding_top_k, len(items)))

@@ -8,60 +8,103 @@
 
 from __future__ import annotations
 
-import hashlib
-from collections import defaultdict
-
 import numpy as np
 
 from sandlab.config import DedupStage
 from sandlab.embeddings import embed, inner_product_index
 from sandlab.records import Record
 from sandlab.stages import Kind, Stage, StageContext
-from sandlab.text import normalize_text, text_key, word_ngrams
+from sandlab.text import ROLL, fmix64, ngram_hashes, normalize_text, word_hashes
 
-_MERSENNE = np.uint64((1 << 61) - 1)
+# Cost at scale: per record only normalization and a dict lookup per word run in Python; shingle hashes,
+# the 32-bit permutations, band keys, candidate pairs and their Jaccard estimates are numpy over all
+# records at once (docs/PERFORMANCE.md, "Dedup and decontamination at scale").
+
+# Each record is compared with at most this many earlier members of one LSH bucket per band: a bucket
+# of hundreds of records that share a band without being near-copies (templated problems) would
+# otherwise cost all its pairs; a near-copy still meets its original in the other bands.
+MAX_BUCKET_SPAN = 256
 
 
-def _shingle_hashes(text: str, n: int) -> np.ndarray:
-    grams = word_ngrams(normalize_text(text), n)
-    return np.fromiter(
-        (int.from_bytes(hashlib.blake2b(" ".join(g).encode(), digest_size=7).digest(), "little") for g in grams),
-        dtype=np.uint64, count=len(grams),
-    )
-
-
-def minhash_signatures(texts: list[str], *, num_perm: int, shingle: int, seed: int = 0) -> np.ndarray:
-    """(len(texts), num_perm) MinHash signatures with universal hashing mod 2^61-1."""
+def minhash_signatures(texts: list[str], *, num_perm: int, shingle: int, seed: int = 0, block: int = 4096,
+                       normalized: bool = False) -> np.ndarray:
+    """(len(texts), num_perm) uint32 MinHash signatures over word shingles of the normalized texts
+    (``normalized=True``: already normalized): permutation k of a shingle's hash h is
+    (a_k * h32 + b_k) mod 2^32 for odd a_k, then an xor-shift, where h32 are 32 well-mixed bits of h;
+    a text without words has the all-max signature."""
     rng = np.random.default_rng(seed)
-    a = rng.integers(1, 1 << 30, size=num_perm, dtype=np.uint64)
-    b = rng.integers(0, 1 << 30, size=num_perm, dtype=np.uint64)
-    signatures = np.full((len(texts), num_perm), np.iinfo(np.uint64).max, dtype=np.uint64)
-    for i, text in enumerate(texts):
-        hashes = _shingle_hashes(text, shingle)
-        if hashes.size:
-            # 56-bit shingle hashes times 30-bit coefficients stay below 2^64 after the first modulo.
-            signatures[i] = ((np.outer(hashes % _MERSENNE, a) + b) % _MERSENNE).min(axis=0)
+    a = (rng.integers(0, 1 << 31, size=num_perm, dtype=np.uint32) << np.uint32(1)) | np.uint32(1)
+    b = rng.integers(0, 1 << 32, size=num_perm, dtype=np.uint64).astype(np.uint32)
+    hashes, lengths, starts = word_hashes(texts if normalized else [normalize_text(t) for t in texts])
+    grams, owner = ngram_hashes(hashes, lengths, starts, shingle)
+    grams32 = (grams >> np.uint64(32)).astype(np.uint32)
+    signatures = np.full((len(texts), num_perm), np.iinfo(np.uint32).max, dtype=np.uint32)
+    counts = np.bincount(owner, minlength=len(texts))
+    first = np.zeros(len(texts) + 1, dtype=np.int64)
+    np.cumsum(counts, out=first[1:])
+    with np.errstate(over="ignore"):
+        for lo in range(0, len(texts), block):
+            hi = min(lo + block, len(texts))
+            rows = np.flatnonzero(counts[lo:hi]) + lo
+            if not rows.size:
+                continue
+            chunk = grams32[first[lo] : first[hi]]
+            permuted = chunk[:, None] * a + b
+            permuted ^= permuted >> np.uint32(15)
+            signatures[rows] = np.minimum.reduceat(permuted, first[rows] - first[lo], axis=0)
     return signatures
 
 
-def minhash_duplicates(signatures: np.ndarray, *, bands: int, threshold: float) -> dict[int, tuple[int, float]]:
-    """index -> (earlier kept index, estimated Jaccard) for records whose LSH buckets hold a near-copy."""
+def _band_keys(signatures: np.ndarray, bands: int) -> np.ndarray:
+    """(bands, n) uint64: one hash per band of ``rows`` consecutive signature values."""
     rows = signatures.shape[1] // bands
-    buckets: list[dict[bytes, list[int]]] = [defaultdict(list) for _ in range(bands)]
+    keys = np.empty((bands, len(signatures)), dtype=np.uint64)
+    with np.errstate(over="ignore"):
+        for band in range(bands):
+            part = signatures[:, band * rows : (band + 1) * rows].astype(np.uint64)
+            h = np.full(len(signatures), band + 1, dtype=np.uint64)
+            for r in range(rows):
+                h = fmix64(h * ROLL ^ part[:, r])
+            keys[band] = h
+    return keys
+
+
+def minhash_duplicates(signatures: np.ndarray, *, bands: int, threshold: float) -> dict[int, tuple[int, float]]:
+    """index -> (earlier kept index, estimated Jaccard) for records whose LSH buckets hold a near-copy.
+
+    Greedy keep-first, as one pass in input order would decide it: a record is a duplicate of the
+    earlier *kept* record sharing one of its band buckets with the highest estimated Jaccard (ties:
+    the earliest), if that reaches ``threshold``. Candidate pairs come from sorting each band's keys.
+    """
+    n = len(signatures)
+    if n < 2:
+        return {}
+    pair_keys = []
+    for keys in _band_keys(signatures, bands):
+        order = np.argsort(keys, kind="stable")  # equal keys stay in input order, so j < i below
+        ordered = keys[order]
+        for d in range(1, min(MAX_BUCKET_SPAN, n - 1) + 1):
+            same = np.flatnonzero(ordered[:-d] == ordered[d:])
+            if not same.size:
+                break
+            pair_keys.append(order[same + d].astype(np.int64) * n + order[same])
+    if not pair_keys:
+        return {}
+    pairs = np.unique(np.concatenate(pair_keys))
+    later, earlier = pairs // n, pairs % n
+    jaccard = np.empty(len(pairs))
+    for lo in range(0, len(pairs), 1 << 16):
+        hi = lo + (1 << 16)
+        jaccard[lo:hi] = (signatures[later[lo:hi]] == signatures[earlier[lo:hi]]).mean(axis=1)
+    close = jaccard >= threshold
     duplicates: dict[int, tuple[int, float]] = {}
-    for i, sig in enumerate(signatures):
-        keys = [sig[band * rows : (band + 1) * rows].tobytes() for band in range(bands)]
-        best: tuple[int, float] | None = None
-        for band, key in enumerate(keys):
-            for j in buckets[band].get(key, ()):
-                jaccard = float(np.mean(signatures[j] == sig))
-                if jaccard >= threshold and (best is None or jaccard > best[1]):
-                    best = (j, jaccard)
-        if best is not None:
-            duplicates[i] = best
+    # Pairs are sorted by (later, earlier): each record's candidates come together, after every earlier record's.
+    for i, j, score in zip(later[close].tolist(), earlier[close].tolist(), jaccard[close].tolist()):
+        if j in duplicates:
             continue
-        for band, key in enumerate(keys):  # only kept records represent their bucket
-            buckets[band][key].append(i)
+        best = duplicates.get(i)
+        if best is None or score > best[1]:
+            duplicates[i] = (j, score)
     return duplicates
 
 
@@ -73,10 +116,12 @@ def _neighbours(vectors: np.ndarray, k: int, ivf_min_records: int, nprobe: int):
 def embedding_duplicates(vectors: np.ndarray, *, threshold: float, k: int, ivf_min_records: int, nprobe: int) -> dict[int, tuple[int, float]]:
     """index -> (earlier kept index, cosine): greedy keep-first over each record's top-k neighbours."""
     scores, ids = _neighbours(np.ascontiguousarray(vectors, dtype=np.float32), k, ivf_min_records, nprobe)
+    # Only rows with an earlier neighbour above the threshold need the greedy pass (in input order).
+    candidate = (ids >= 0) & (ids < np.arange(len(ids))[:, None]) & (scores >= threshold)
     duplicates: dict[int, tuple[int, float]] = {}
-    for i in range(len(vectors)):
-        for score, j in zip(scores[i], ids[i]):
-            if 0 <= j < i and score >= threshold and j not in duplicates:
+    for i in np.flatnonzero(candidate.any(axis=1)).tolist():
+        for score, j in zip(scores[i][candidate[i]].tolist(), ids[i][candidate[i]].tolist()):
+            if j not in duplicates:
                 duplicates[i] = (int(j), float(score))
                 break
     return duplicates
@@ -86,22 +131,23 @@ def dedup(records: list[Record], cfg: DedupStage, *, field: str = "problem", vec
     """Keep the first of each group of (near-)duplicates. ``vectors``: precomputed normalized embeddings."""
     dropped: dict[int, Record] = {}
     seen: dict[str, int] = {}
+    normalized = [normalize_text(rec[field]) for rec in records]  # once, for the exact keys and the shingles
     for i, rec in enumerate(records):
-        key = text_key(rec[field])
+        key = normalized[i]
         if key in seen:
             dropped[i] = {**rec, "reason": "exact_duplicate", "duplicate_of": records[seen[key]]["id"]}
         else:
             seen[key] = i
     live = [i for i in range(len(records)) if i not in dropped]
     if cfg.minhash and live:
-        signatures = minhash_signatures([records[i][field] for i in live], num_perm=cfg.minhash_num_perm, shingle=cfg.minhash_shingle)
+        signatures = minhash_signatures([normalized[i] for i in live], num_perm=cfg.minhash_num_perm, shingle=cfg.minhash_shingle, normalized=True)
         for pos, (other, jaccard) in minhash_duplicates(signatures, bands=cfg.minhash_bands, threshold=cfg.minhash_threshold).items():
             i = live[pos]
             dropped[i] = {**records[i], "reason": "minhash_duplicate", "duplicate_of": records[live[other]]["id"], "jaccard": round(jaccard, 4)}
         live = [i for i in live if i not in dropped]
     if live:
         if vectors is None:
-            live_vectors = embed([records[i][field] for i in live], model=cfg.embedding_model, batch_size=cfg.batch_size)
+            live_vectors = embed([records[i][field] for i in live], model=cfg.embedding_model, batch_size=cfg.batch_size, device=cfg.embedding_device)
         else:
             live_vectors = vectors[live]
         found = embedding_duplicates(live_vectors, threshold=cfg.threshold, k=cfg.neighbours, ivf_min_records=cfg.ivf_min_records, nprobe=cfg.nprobe)

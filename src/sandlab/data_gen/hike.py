@@ -8,7 +8,7 @@ import random
 from pathlib import Path
 
 from sandlab.config import AgreementStage, HikeStage, SolveStage
-from sandlab.data_gen.agreement import filter_by_agreement
+from sandlab.data_gen.agreement import decides_early, filter_by_agreement
 from sandlab.data_gen.generate import parse_problem
 from sandlab.data_gen.prompts import load_prompt
 from sandlab.data_gen.solve import solve_problems
@@ -57,7 +57,8 @@ def hike_problems(
         hiked.append({**base, **fields, "teacher": teacher})
     verified: list[Record] = []
     if hiked:
-        solved = solve_problems(backend, hiked, solve, root)
+        adaptive = solve.adaptive and decides_early(agreement)
+        solved = solve_problems(backend, hiked, solve, root, agreement=agreement if adaptive else None, pool=pool)
         verified, disagreed = filter_by_agreement(solved, agreement, pool, include_reference=solve.include_reference, judge=backend, root=root)
         failed += [{**d, "reason": f"hiked_{d['reason']}"} for d in disagreed]
     return list(records) + verified, failed

@@ -24,9 +24,9 @@ def filter_novelty(records: list[Record], cfg: NoveltyStage, *, corpus_vectors: 
     if (not corpus and corpus_vectors is None) or not records:
         return list(records), []
     if corpus_vectors is None:
-        corpus_vectors = embed(corpus, model=cfg.embedding_model, batch_size=cfg.batch_size, cache=True)
+        corpus_vectors = embed(corpus, model=cfg.embedding_model, batch_size=cfg.batch_size, device=cfg.embedding_device, cache=True)
     index = inner_product_index(corpus_vectors, ivf_min_records=cfg.ivf_min_records, nprobe=cfg.nprobe)
-    queries = vectors if vectors is not None else embed([r["problem"] for r in records], model=cfg.embedding_model, batch_size=cfg.batch_size)
+    queries = vectors if vectors is not None else embed([r["problem"] for r in records], model=cfg.embedding_model, batch_size=cfg.batch_size, device=cfg.embedding_device)
     scores, ids = index.search(np.ascontiguousarray(queries, dtype=np.float32), 1)
     kept, dropped = [], []
     for rec, score, idx in zip(records, scores[:, 0], ids[:, 0]):

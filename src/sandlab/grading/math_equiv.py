@@ -79,6 +79,25 @@ def _parse(answer: str, timeout: int | None) -> list[Any]:
     return parsed
 
 
+# Parsed gold answers, per (gold, timeout). One gold is compared with many predictions (k samples
+# per problem in GRPO and agreement clustering), and parsing it is as costly as parsing the
+# prediction. Only non-empty parses are kept, so a parse that timed out is retried next time.
+_GOLD_CACHE: dict[tuple[str, int | None], list[Any]] = {}
+_GOLD_CACHE_MAX = 4096
+
+
+def _parse_gold(gold: str, timeout: int | None) -> list[Any]:
+    key = (gold, timeout)
+    parsed = _GOLD_CACHE.get(key)
+    if parsed is None:
+        parsed = _parse(gold, timeout)
+        if parsed:
+            if len(_GOLD_CACHE) >= _GOLD_CACHE_MAX:
+                _GOLD_CACHE.clear()
+            _GOLD_CACHE[key] = parsed
+    return parsed
+
+
 def math_equal(gold: str, pred: str | None, timeout_s: float | None = 5) -> bool:
     """Whether the extracted answer ``pred`` is mathematically equivalent to ``gold``.
 
@@ -93,7 +112,7 @@ def math_equal(gold: str, pred: str | None, timeout_s: float | None = 5) -> bool
         return True
     on_main = threading.current_thread() is threading.main_thread()
     timeout = max(1, int(timeout_s)) if (timeout_s and on_main) else None
-    gold_parsed = _parse(gold, timeout)
+    gold_parsed = _parse_gold(gold, timeout)
     pred_parsed = _parse(pred, timeout)
     if not gold_parsed or not pred_parsed:
         return False

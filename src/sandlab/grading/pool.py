@@ -308,18 +308,28 @@ class GradingPool:
     def _grade(self, items: list[GradeItem], timeout_s: float) -> list[GradeResult]:
         results: list[GradeResult | None] = [None] * len(items)
         pending: deque[tuple[int, str, str]] = deque()
+        # Identical (gold, prediction) pairs (k samples agreeing on one answer) go to a worker once.
+        first: dict[tuple[str, str], int] = {}
+        copies: list[tuple[int, int]] = []
         for i, item in enumerate(items):
             decided, pred = decide_cheaply(item)
             if decided is not None:
                 results[i] = decided
             else:
                 assert pred is not None
+                key = (item.gold, pred)
+                if key in first:
+                    copies.append((i, first[key]))
+                    continue
+                first[key] = i
                 pending.append((i, item.gold, pred))
         if pending:
             with self._lock:
                 self._check_usable()
                 self._spawn_upto(len(pending))
                 self._run(pending, results, timeout_s)
+        for i, j in copies:
+            results[i] = results[j]
         return [r for r in results if r is not None]
 
     def _run(

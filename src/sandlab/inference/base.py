@@ -120,9 +120,11 @@ class ChatBackend(ABC):
         sampling: SamplingSettings,
         *,
         desc: str = "generate",
+        seeds: Sequence[int | None] | None = None,
     ) -> list[list[Completion]]:
         """For each conversation, ``sampling.n`` completions in a stable order; conversation ``i`` is
-        sampled with seed ``sampling.seed + i``. Never raises for one failed item."""
+        sampled with seed ``sampling.seed + i``, or with ``seeds[i]`` when given (a caller that samples a
+        subset of its items keeps each item's own seed). Never raises for one failed item."""
         if self.closed:
             raise RuntimeError(f"{type(self).__name__} is closed")
         convs = [list(c) for c in conversations]
@@ -130,7 +132,10 @@ class ChatBackend(ABC):
             return []
         repeat = sampling.temperature == 0 and sampling.n > 1  # greedy: one sample, repeated
         request = replace(sampling, n=1) if repeat else sampling
-        rows = self._generate(convs, request, desc=desc)
+        if seeds is not None and len(seeds) != len(convs):
+            raise ValueError(f"{len(seeds)} seeds for {len(convs)} conversations")
+        per_conversation = list(seeds) if seeds is not None else [request_seed(sampling, i) for i in range(len(convs))]
+        rows = self._generate(convs, request, desc=desc, seeds=per_conversation)
         if len(rows) != len(convs):
             raise BackendUnavailableError(f"the {self.name} backend returned {len(rows)} rows for {len(convs)} conversations")
         results = [self._full_row(row, request.n) for row in rows]
@@ -144,9 +149,11 @@ class ChatBackend(ABC):
         return row + error_completions(n - len(row), f"the {self.name} backend returned {len(row)} of {n} samples")
 
     @abstractmethod
-    def _generate(self, conversations: list[Conversation], sampling: SamplingSettings, *, desc: str) -> list[Row]:
+    def _generate(self, conversations: list[Conversation], sampling: SamplingSettings, *, desc: str,
+                  seeds: list[int | None]) -> list[Row]:
         """The engine call: per conversation, up to ``sampling.n`` completions (fewer are filled with
-        errors) or the exception that failed it. Greedy calls arrive with ``n == 1``."""
+        errors) or the exception that failed it; conversation ``i`` is sampled with ``seeds[i]``
+        (``sampling.seed`` is only the first of them). Greedy calls arrive with ``n == 1``."""
 
     def close(self) -> None:
         """Release engine/server resources; later ``generate`` calls raise."""

@@ -114,12 +114,15 @@ class TransformersBackend(ChatBackend):
             results.append(completions)
         return results
 
-    def _generate(self, conversations: list[Conversation], sampling: SamplingSettings, *, desc: str) -> list[Row]:
+    def _generate(self, conversations: list[Conversation], sampling: SamplingSettings, *, desc: str,
+                  seeds: list[int | None]) -> list[Row]:
         import torch  # noqa: PLC0415
         from tqdm.auto import tqdm  # noqa: PLC0415
 
-        if sampling.seed is not None:
-            torch.manual_seed(sampling.seed)
+        # transformers samples a whole batch from one generator: the call's first seed seeds it, so
+        # samples depend on what is batched together (unlike vLLM's and servers' per-request seeds).
+        if seeds and seeds[0] is not None:
+            torch.manual_seed(seeds[0])
         results: list[Row] = [[] for _ in conversations]
         rendered: dict[int, str] = {}
         for i, conv in enumerate(conversations):

@@ -39,7 +39,6 @@ from sandlab.inference.base import (
     error_completions,
     is_prefilled,
     one_line,
-    request_seed,
 )
 from sandlab.runs import SECRET_KEY_RE
 
@@ -380,7 +379,7 @@ class OpenAICompatibleBackend(ChatBackend):
             log.warning("chat completion failed: %s", failed)
             return got + error_completions(sampling.n - len(got), str(failed))
 
-    async def _agenerate(self, conversations: list[Conversation], sampling: SamplingSettings, desc: str) -> list[Row]:
+    async def _agenerate(self, conversations: list[Conversation], sampling: SamplingSettings, desc: str, seeds: list[int | None]) -> list[Row]:
         if self._healthy_urls is None:
             await self._acheck_health()
         from tqdm.auto import tqdm  # noqa: PLC0415
@@ -391,14 +390,15 @@ class OpenAICompatibleBackend(ChatBackend):
 
                 async def run(index: int, conv: Conversation) -> list[Completion]:
                     try:
-                        return await self._one(client, sem, conv, replace(sampling, seed=request_seed(sampling, index)))
+                        return await self._one(client, sem, conv, replace(sampling, seed=seeds[index]))
                     finally:
                         bar.update(1)
 
                 return list(await asyncio.gather(*(run(i, c) for i, c in enumerate(conversations)), return_exceptions=True))
 
-    def _generate(self, conversations: list[Conversation], sampling: SamplingSettings, *, desc: str) -> list[Row]:
-        rows = self._run(self._agenerate, conversations, sampling, desc)
+    def _generate(self, conversations: list[Conversation], sampling: SamplingSettings, *, desc: str,
+                  seeds: list[int | None]) -> list[Row]:
+        rows = self._run(self._agenerate, conversations, sampling, desc, seeds)
         # Every request refused for the same reason (an extra_body key the server does not know, a bad
         # sampling value): a setting is wrong, not an item; stop with the server's message.
         reasons = {str(r).split(": ", 1)[-1] for r in rows if isinstance(r, _RequestFailed) and r.rejected}

@@ -18,7 +18,6 @@ import logging
 import multiprocessing
 import os
 from collections.abc import Callable
-from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -133,12 +132,13 @@ def _sampling_params(sampling: SamplingSettings, seed: int | None, extra: dict[s
 
 
 def chat_with_llm(llm: Any, convs: list[Conversation], sampling: SamplingSettings, *, desc: str, progress: bool = True,
-                  options: dict[str, Any] | None = None) -> list[Row]:
+                  options: dict[str, Any] | None = None, seeds: list[int | None] | None = None) -> list[Row]:
     """Generate with a ``vllm.LLM``; prefilled and plain conversations go in separate ``chat`` calls.
     ``options``: the backend's request options (``sampling`` extras, ``chat_template_kwargs``)."""
     options = options or {}
-    # One SamplingParams per conversation (seed + index); invalid settings raise here, for the whole call.
-    params = [_sampling_params(sampling, request_seed(sampling, i), options.get("sampling")) for i in range(len(convs))]
+    # One SamplingParams per conversation (its own seed); invalid settings raise here, for the whole call.
+    seeds = seeds if seeds is not None else [request_seed(sampling, i) for i in range(len(convs))]
+    params = [_sampling_params(sampling, seed, options.get("sampling")) for seed in seeds]
     template_kwargs = options.get("chat_template_kwargs")
     results: list[Row] = [[] for _ in convs]
     groups = {
@@ -194,7 +194,7 @@ def release_llm(llm: Any) -> None:
 def _dp_worker(rank: int, conn: Any, llm_kwargs: dict[str, Any], env: dict[str, str], cores: list[int] | None,
                options: dict[str, Any] | None = None) -> None:
     """One data-parallel rank: own engine (on its GPUs, or on CPU its own cores), answers
-    (conversations, sampling, desc) messages."""
+    (conversations, sampling, desc, seeds) messages."""
     os.environ.update(env)
     if cores:
         os.sched_setaffinity(0, cores)  # before torch and vLLM start their threads
@@ -209,9 +209,9 @@ def _dp_worker(rank: int, conn: Any, llm_kwargs: dict[str, Any], env: dict[str, 
             msg = conn.recv()
             if msg is None:
                 break
-            convs, sampling, desc = msg
+            convs, sampling, desc, seeds = msg
             try:
-                rows = chat_with_llm(llm, convs, sampling, desc=desc, progress=rank == 0, options=options)
+                rows = chat_with_llm(llm, convs, sampling, desc=desc, progress=rank == 0, options=options, seeds=seeds)
                 # An item's exception goes back as its one line (vLLM's exceptions need not pickle).
                 conn.send(("ok", [ItemFailed(one_line(r)) if isinstance(r, BaseException) else r for r in rows]))
             except BaseException as exc:  # noqa: BLE001
@@ -351,12 +351,12 @@ class VLLMEngineBackend(ChatBackend):
             self.close()
             raise BackendUnavailableError(errors[0].splitlines()[0] if errors[0] else "vLLM data-parallel start failed")
 
-    def _generate_dp(self, convs: list[Conversation], sampling: SamplingSettings, desc: str) -> list[Row]:
+    def _generate_dp(self, convs: list[Conversation], sampling: SamplingSettings, desc: str, seeds: list[int | None]) -> list[Row]:
         dp = len(self._workers)
         shards = [(r * len(convs) // dp, (r + 1) * len(convs) // dp) for r in range(dp)]
         for (_proc, conn), (lo, hi) in zip(self._workers, shards):
-            if hi > lo:  # shard offsets keep conversation i on seed + i, as in one engine
-                conn.send((convs[lo:hi], replace(sampling, seed=request_seed(sampling, lo)), desc))
+            if hi > lo:  # each conversation keeps its own seed, as in one engine
+                conn.send((convs[lo:hi], sampling, desc, seeds[lo:hi]))
         results: list[Row] = []
         for rank, ((proc, conn), (lo, hi)) in enumerate(zip(self._workers, shards)):
             if hi <= lo:
@@ -373,10 +373,11 @@ class VLLMEngineBackend(ChatBackend):
         return results
 
     # -- ChatBackend ----------------------------------------------------------------------------
-    def _generate(self, conversations: list[Conversation], sampling: SamplingSettings, *, desc: str) -> list[Row]:
+    def _generate(self, conversations: list[Conversation], sampling: SamplingSettings, *, desc: str,
+                  seeds: list[int | None]) -> list[Row]:
         if self._workers:
-            return self._generate_dp(conversations, sampling, desc)
-        return chat_with_llm(self.llm, conversations, sampling, desc=desc, options=self.request_options)
+            return self._generate_dp(conversations, sampling, desc, seeds)
+        return chat_with_llm(self.llm, conversations, sampling, desc=desc, options=self.request_options, seeds=seeds)
 
     def close(self) -> None:
         if self.closed:

@@ -42,7 +42,8 @@ def apply_stage(ctx: StageContext, stage: Stage, records: list[Record], *, offse
 
 
 def remove_shards(ctx: StageContext, stage: str) -> None:
-    for shards in ctx.data_dir.glob(f"{stage}.shards-*"):  # merged into the stage's output now
+    # Merged into the stage's output now (with the solve stage's saved rounds).
+    for shards in [*ctx.data_dir.glob(f"{stage}.shards-*"), *ctx.data_dir.glob(f"{stage}.rounds")]:
         shutil.rmtree(shards, ignore_errors=True)
 
 

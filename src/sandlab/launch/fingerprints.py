@@ -21,12 +21,12 @@ UNTRACKED = ("data.passrate.student.base_urls",)
 def stage_config(raw_cfg: DictConfig, cfg: RecipeConfig, stage: str) -> dict[str, Any]:
     """Flattened config values that ``stage`` and the stages before it depend on."""
     plain = OmegaConf.to_container(raw_cfg, resolve=True)
-    enabled = [s for s in cfg.stages if get_stage(s).config]
+    enabled = [s for s in cfg.stages if get_stage(s).config_keys(cfg)]
     upstream = enabled[: enabled.index(stage) + 1] if stage in enabled else [stage]
     if get_stage(stage).reads_export_only:  # training and eval read the exported dataset, not the data settings
         upstream = ["export", stage] if "export" in enabled and not cfg.data.dataset_path else [stage]
     flat: dict[str, Any] = {}
-    for key in dict.fromkeys(k for s in upstream for k in get_stage(s).config):
+    for key in dict.fromkeys(k for s in upstream for k in get_stage(s).config_keys(cfg)):
         node: Any = plain
         for part in key.split("."):
             node = node.get(part) if isinstance(node, dict) else None
