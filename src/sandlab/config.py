@@ -340,6 +340,14 @@ class ScoreStage:
             raise ConfigError(f"data.score.top_fraction={self.top_fraction} must be in (0, 1]")
 
 
+EMBEDDING_DEVICES = ("auto", "cpu", "cuda")  # auto: cuda when torch sees one (sandlab.embeddings.resolve_device)
+
+
+def check_embedding_device(section: str, device: str) -> None:
+    if device not in EMBEDDING_DEVICES:
+        raise ConfigError(f"{section}.embedding_device={device!r}: choose auto, cpu or cuda")
+
+
 @dataclass
 class DiversityStage:
     """How diverse the data is (taxonomy coverage, distinct-n, embedding spread, near-duplicates), in
@@ -353,8 +361,7 @@ class DiversityStage:
     distinct_n: list[int] = field(default_factory=lambda: [1, 2, 3])
 
     def __post_init__(self) -> None:
-        if self.embedding_device not in ("auto", "cpu", "cuda"):
-            raise ConfigError(f"data.diversity.embedding_device={self.embedding_device!r}: choose auto, cpu or cuda")
+        check_embedding_device("data.diversity", self.embedding_device)
         if self.max_per_leaf is not None and self.max_per_leaf < 1:
             raise ConfigError(f"data.diversity.max_per_leaf={self.max_per_leaf} must be at least 1 (or null: measure only)")
 
@@ -378,8 +385,7 @@ class DedupStage:
     minhash_threshold: float = 0.8
 
     def __post_init__(self) -> None:
-        if self.embedding_device not in ("auto", "cpu", "cuda"):
-            raise ConfigError(f"data.dedup.embedding_device={self.embedding_device!r}: choose auto, cpu or cuda")
+        check_embedding_device("data.dedup", self.embedding_device)
 
 
 @dataclass
@@ -401,8 +407,7 @@ class DecontamStage:
     embedding_device: str = "auto"  # auto (cuda when torch sees one) | cpu | cuda; static model2vec models always run on CPU
 
     def __post_init__(self) -> None:
-        if self.embedding_device not in ("auto", "cpu", "cuda"):
-            raise ConfigError(f"data.decontam.embedding_device={self.embedding_device!r}: choose auto, cpu or cuda")
+        check_embedding_device("data.decontam", self.embedding_device)
 
 
 @dataclass
@@ -453,8 +458,7 @@ class NoveltyStage:
     embedding_device: str = "auto"  # auto (cuda when torch sees one) | cpu | cuda; static model2vec models always run on CPU
 
     def __post_init__(self) -> None:
-        if self.embedding_device not in ("auto", "cpu", "cuda"):
-            raise ConfigError(f"data.novelty.embedding_device={self.embedding_device!r}: choose auto, cpu or cuda")
+        check_embedding_device("data.novelty", self.embedding_device)
 
 
 @dataclass

@@ -18,16 +18,15 @@ from pathlib import Path
 
 import numpy as np
 
+from sandlab.config import EMBEDDING_DEVICES
 from sandlab.errors import ConfigError
 from sandlab.models import cache_dir, resolve_model_path
-
-DEVICES = ("auto", "cpu", "cuda")
 
 
 def resolve_device(device: str = "auto") -> str:
     """``auto``: cuda when torch sees a GPU, else cpu. ``cuda`` without one stops with one line."""
-    if device not in DEVICES:
-        raise ConfigError(f"embedding device={device!r}: choose one of {list(DEVICES)}")
+    if device not in EMBEDDING_DEVICES:
+        raise ConfigError(f"embedding device={device!r}: choose one of {list(EMBEDDING_DEVICES)}")
     if device == "cpu":
         return "cpu"
     import torch  # noqa: PLC0415

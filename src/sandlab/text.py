@@ -22,10 +22,6 @@ def normalize_text(text: str) -> str:
     return _NON_WORD.sub(" ", text).strip()
 
 
-def text_key(text: str) -> str:
-    return hashlib.sha1(normalize_text(text).encode()).hexdigest()
-
-
 def word_ngrams(normalized: str, n: int) -> set[tuple[str, ...]]:
     """Word n-grams of normalized text; a text shorter than n is one n-gram of all its words."""
     words = normalized.split()

@@ -59,15 +59,15 @@ class TestIndex:
         import faiss  # noqa: PLC0415
 
         self.items, self.cfg = items, cfg
-        self.exact = {normalize_text(it["problem"]): i for i, it in enumerate(items)}
+        normalized_items = [normalize_text(it["problem"]) for it in items]
+        self.exact = {text: i for i, text in enumerate(normalized_items)}
         self.ngram_counts = []
         self.postings: dict[tuple[str, ...], list[int]] = defaultdict(list)
         # Test items shorter than n words have no n-gram to find inside a longer record: a wrapped copy
         # of one is found by substring search instead (items under MIN_SHORT_WORDS only by exact match,
         # since a two-word "problem" inside a record proves nothing).
         self.short: list[tuple[str, int]] = []
-        for i, it in enumerate(items):
-            normalized = normalize_text(it["problem"])
+        for i, normalized in enumerate(normalized_items):
             n_words = len(normalized.split())
             if n_words < cfg.ngram_n:
                 if n_words >= MIN_SHORT_WORDS:
@@ -85,7 +85,7 @@ class TestIndex:
         # Every item's distinct n-grams as (64-bit hash, item), sorted by hash: the overlap of all records
         # with all items is then a few array operations (``ngram_matches``). Two different n-grams
         # sharing a hash is a 2^-64 event; ``ngram_match`` is the same rule, one text at a time.
-        hashes, lengths, starts = word_hashes([normalize_text(it["problem"]) if self.ngram_counts[i] else "" for i, it in enumerate(items)])
+        hashes, lengths, starts = word_hashes([text if self.ngram_counts[i] else "" for i, text in enumerate(normalized_items)])
         grams, owner = ngram_hashes(hashes, lengths, starts, cfg.ngram_n)
         pairs = np.unique(np.stack([grams, owner.astype(np.uint64)], axis=1), axis=0)
         self.gram_hash, self.gram_item = pairs[:, 0].copy(), pairs[:, 1].astype(np.int64)
@@ -129,8 +129,8 @@ class TestIndex:
                         break
         return best_item, best_share
 
-    def ngram_match(self, text: str, *, normalized: bool = False) -> tuple[int, float] | None:
-        normalized = text if normalized else normalize_text(text)
+    def ngram_match(self, text: str) -> tuple[int, float] | None:
+        normalized = normalize_text(text)
         if self.short:
             padded = f" {normalized} "
             for needle, i in self.short:

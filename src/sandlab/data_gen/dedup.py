@@ -18,7 +18,7 @@ from sandlab.text import ROLL, fmix64, ngram_hashes, normalize_text, word_hashes
 
 # Cost at scale: per record only normalization and a dict lookup per word run in Python; shingle hashes,
 # the 32-bit permutations, band keys, candidate pairs and their Jaccard estimates are numpy over all
-# records at once (docs/PERFORMANCE.md, "Dedup and decontamination at scale").
+# records at once (docs/PERFORMANCE.md, "Dedup and decontamination of real text").
 
 # Each record is compared with at most this many earlier members of one LSH bucket per band: a bucket
 # of hundreds of records that share a band without being near-copies (templated problems) would
