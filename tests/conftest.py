@@ -122,3 +122,21 @@ def sft_file(tmp_path_factory):
         })
     path.write_text("".join(json.dumps(r) + "\n" for r in rows))
     return path
+
+
+# Modules whose tests take longest (minutes on 2 cores): scheduled first under pytest-xdist, so the run
+# does not end waiting on one of them started last.
+LONGEST_MODULES = ("test_slurm", "test_pipeline", "test_train_distributed", "test_inference_backends", "test_score")
+
+
+def pytest_collection_modifyitems(config, items):
+    """Under pytest-xdist (``make test`` runs ``-n 2 --dist loadgroup``): a module's tests stay on one
+    worker, so its module- and session-scoped engines, servers and pools start once, and the Slurm
+    tests never share the local cluster with each other."""
+    if not getattr(config.option, "numprocesses", None):
+        return
+    for item in items:
+        if not item.get_closest_marker("xdist_group"):
+            item.add_marker(pytest.mark.xdist_group(item.module.__name__))
+    rank = {name: i for i, name in enumerate(LONGEST_MODULES)}
+    items.sort(key=lambda item: rank.get(item.module.__name__.rsplit(".", 1)[-1], len(rank)))  # stable: order inside a module kept

@@ -265,3 +265,22 @@ def test_minhash_estimates_jaccard_and_lsh_keeps_the_first_kept_copy():
         if best is not None:
             expected[i] = best
     assert found == expected and 10 < len(found) < 100
+
+
+def test_normalize_text_is_the_regex_definition():
+    """The translate-based normalization equals its definition: lower-case, LaTeX noise out, every run of
+    characters outside [0-9a-z] one space, stripped (the reference is written with regexes)."""
+    import re
+
+    from sandlab.text import _LATEX_NOISE, normalize_text
+
+    def reference(text):
+        text = _LATEX_NOISE.sub(" ", text.lower().replace("\\dfrac", "\\frac").replace("\\tfrac", "\\frac"))
+        return re.sub(r"[^0-9a-z]+", " ", text).strip()
+
+    rng = np.random.default_rng(5)
+    alphabet = list("aZ09 \t\n.,$\\{}^_-") + ["\\dfrac", "\\left(", "\\text{", "\\,", "é", "Å", "\u212a", "π", "\x00", "\u2003", "İ", "ß"]
+    texts = ["".join(rng.choice(alphabet, size=int(rng.integers(0, 30)))) for _ in range(3000)]
+    texts += ["Find $\\dfrac{1}{2}$  of 10.", "", "   ", "\\textbf{Kelvin} \u212a"]
+    assert [normalize_text(t) for t in texts] == [reference(t) for t in texts]
+    assert normalize_text("Find $\\dfrac{1}{2}$  of 10.") == "find frac 1 2 of 10"

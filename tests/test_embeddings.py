@@ -141,3 +141,48 @@ def test_static_embeddings_of_a_later_call_reuse_the_last_ones(static_path, monk
     np.testing.assert_array_equal(again[[0, 2]], first[[2, 0]])
     again[:] = 0  # the caller's copy: the kept vectors stay as they were
     np.testing.assert_array_equal(embeddings.embed([SOURCE], model=STATIC), first[[0]])
+
+
+def _pairs_by_brute_force(vectors, threshold, k, earlier_only):
+    """Every row against every other, one pair at a time: the reference for ``similar_pairs``."""
+    expected = []
+    for i in range(len(vectors)):
+        others = []
+        for j in range(len(vectors)):
+            if (j < i if earlier_only else j != i):
+                score = float(np.dot(vectors[i].astype(np.float64), vectors[j].astype(np.float64)))
+                if score >= threshold:
+                    others.append((-score, j))
+        expected += [(i, j) for _, j in sorted(others)[:k]]
+    return expected
+
+
+@pytest.fixture(scope="module")
+def clustered_vectors():
+    """500 random directions and 300 noisy copies of some of them (several copies of one original)."""
+    rng = np.random.default_rng(0)
+    originals = rng.normal(size=(500, 12))
+    copies = originals[rng.integers(0, 500, size=300)] + 0.15 * rng.normal(size=(300, 12))
+    vectors = np.concatenate([originals, copies])[rng.permutation(800)].astype(np.float32)
+    return vectors / np.linalg.norm(vectors, axis=1, keepdims=True)
+
+
+@pytest.mark.parametrize("earlier_only", [True, False])
+def test_similar_pairs_exact_path_equals_brute_force(clustered_vectors, earlier_only):
+    rows, others, scores = embeddings.similar_pairs(clustered_vectors, threshold=0.95, k=2, earlier_only=earlier_only)
+    expected = _pairs_by_brute_force(clustered_vectors, 0.95, 2, earlier_only)
+    assert len(expected) > 100  # the planted copies make many pairs, and some rows more than k
+    assert list(zip(rows.tolist(), others.tolist())) == expected
+    assert np.allclose(scores, [clustered_vectors[i] @ clustered_vectors[j] for i, j in expected], atol=1e-5)
+
+
+def test_similar_pairs_inverted_file_join(clustered_vectors):
+    """Above ivf_min_records: probing every cell is exact; the default probes find nearly every pair."""
+    expected = _pairs_by_brute_force(clustered_vectors, 0.95, 2, True)
+    nlist = int(2 * np.sqrt(len(clustered_vectors)))
+    rows, others, _ = embeddings.similar_pairs(clustered_vectors, threshold=0.95, k=2, ivf_min_records=100, nprobe=nlist)
+    assert list(zip(rows.tolist(), others.tolist())) == expected
+    rows, others, _ = embeddings.similar_pairs(clustered_vectors, threshold=0.95, k=2, ivf_min_records=100, nprobe=8)
+    found = set(zip(rows.tolist(), others.tolist()))
+    assert all(j < i and clustered_vectors[i] @ clustered_vectors[j] >= 0.95 - 1e-6 for i, j in found)
+    assert len(found & set(expected)) >= 0.95 * len(expected)

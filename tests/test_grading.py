@@ -175,6 +175,32 @@ def test_math_equal_negative(gold, pred):
     assert not math_equal(gold, pred)
 
 
+PLAIN_NUMBERS = ["0", "-0", "1", "-1", "2", "7", "12", "100", "123456789012345", "0.5", "2.0", "1.50", "-0.75",
+                 "0.333333", "3.14", "12.0", r"\frac{1}{2}", r"\dfrac{3}{4}", r"-\frac{3}{4}", r"\frac{4}{2}",
+                 r"\frac{-3}{4}", "1/3", "2/4", "7/1", "x = 7", "$12$"]
+
+
+def test_numeric_verdict_agrees_with_math_verify():
+    """Every pair of plain numbers the shortcut decides gets math-verify's own verdict (the reference:
+    math-verify's parse and verify, bypassing the shortcut)."""
+    import math_verify
+
+    from sandlab.grading.math_equiv import _parse, numeric_verdict, strip_assignment
+
+    decided = 0
+    for gold in PLAIN_NUMBERS:
+        for pred in PLAIN_NUMBERS:
+            verdict = numeric_verdict(gold, pred)
+            if verdict is None:
+                continue
+            decided += 1
+            reference = bool(math_verify.verify(_parse(gold, None), _parse(strip_assignment(gold, pred), None)))
+            assert verdict == reference, (gold, pred)
+    assert decided > 0.5 * len(PLAIN_NUMBERS) ** 2  # most pairs never reach math-verify (different decimals do)
+    assert numeric_verdict("1/3", "0.333333") is None  # math-verify rounds floats: left to it
+    assert numeric_verdict("5", r"5\%") is None and numeric_verdict("012", "12") is None
+
+
 def test_math_equal_off_main_thread():
     """math-verify's signal timeouts would raise off the main thread; ours must just work."""
     out: dict[str, object] = {}
@@ -196,19 +222,21 @@ def test_math_equal_off_main_thread():
 # -- pool ----------------------------------------------------------------------------------
 
 MIXED = [
-    GradeItem(r"so \boxed{\frac{1}{2}}", "0.5"),  # needs math-verify
+    GradeItem(r"so \boxed{\frac{1}{2}}", "0.5"),  # plain numbers, equal: no math-verify
     GradeItem("Answer: C", "C", kind="mcq"),  # cheap
     GradeItem(r"\boxed{\sqrt{8}}", r"2\sqrt{2}"),  # needs math-verify
-    GradeItem(r"\boxed{x=5}", "6"),  # needs math-verify, wrong
+    GradeItem(r"\boxed{x=5}", "6"),  # plain numbers once the assignment is stripped, different
+    GradeItem(r"\boxed{x^2}", "6"),  # needs math-verify, wrong
     GradeItem("<think>\\boxed{4}</think>", "4"),  # no answer in the final part
     GradeItem(r"\boxed{ 4 }", "4"),  # string fast path
     GradeItem("(B)", "C", kind="mcq"),  # cheap, wrong
 ]
 MIXED_EXPECTED = [
-    GradeResult(r"\frac{1}{2}", True, "math_verify"),
+    GradeResult(r"\frac{1}{2}", True, "number_match"),
     GradeResult("C", True, "choice"),
     GradeResult(r"\sqrt{8}", True, "math_verify"),
-    GradeResult("x=5", False, "math_verify"),
+    GradeResult("x=5", False, "number_match"),
+    GradeResult("x^2", False, "math_verify"),
     GradeResult(None, False, "no_answer"),
     GradeResult("4", True, "string_match"),
     GradeResult("B", False, "choice"),

@@ -2,14 +2,23 @@
 
 from __future__ import annotations
 
-import hashlib
 import re
-from array import array
 
 import numpy as np
 
 _LATEX_NOISE = re.compile(r"\\(?:left|right|displaystyle|textstyle|mathrm|mathbf|text|textbf|operatorname|quad|qquad|[,;:! ])")
-_NON_WORD = re.compile(r"[^0-9a-z]+")
+_WORD_CHARS = "0123456789abcdefghijklmnopqrstuvwxyz"
+# Every character but [0-9a-z] becomes a space (then runs of spaces collapse): a byte table for ASCII
+# text, a code-point table for the rest.
+_ASCII_TO_SPACE = bytes(c if chr(c) in _WORD_CHARS else 32 for c in range(256))
+
+
+class _ToSpace(dict):
+    def __missing__(self, key: int) -> int:
+        return 32
+
+
+_UNICODE_TO_SPACE = _ToSpace({ord(c): ord(c) for c in _WORD_CHARS})
 
 
 def normalize_text(text: str) -> str:
@@ -17,9 +26,12 @@ def normalize_text(text: str) -> str:
 
     ``Find $\\dfrac{1}{2}$  of 10.`` and ``find \\frac{1}{2} of 10`` both become ``find frac 1 2 of 10``.
     """
-    text = text.lower().replace("\\dfrac", "\\frac").replace("\\tfrac", "\\frac")
-    text = _LATEX_NOISE.sub(" ", text)
-    return _NON_WORD.sub(" ", text).strip()
+    text = text.lower()
+    if "\\" in text:
+        text = _LATEX_NOISE.sub(" ", text.replace("\\dfrac", "\\frac").replace("\\tfrac", "\\frac"))
+    if text.isascii():  # bytes.translate: about 2x faster than a regex substitution over a million texts
+        return " ".join(text.encode().translate(_ASCII_TO_SPACE).decode().split())
+    return " ".join(text.translate(_UNICODE_TO_SPACE).split())
 
 
 def word_ngrams(normalized: str, n: int) -> set[tuple[str, ...]]:
@@ -45,21 +57,49 @@ def fmix64(h: np.ndarray) -> np.ndarray:
         return h ^ (h >> np.uint64(31))
 
 
-def word_hashes(normalized: list[str]) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """The words of all (normalized) texts as one array of uint64 word hashes (blake2b of each distinct
-    word, stable across runs and processes), each text's word count, and its first position."""
-    vocab: dict[str, int] = {}
-    ids = array("q")  # machine integers: a list of 10^8 Python ints would cost gigabytes
-    lengths = np.empty(len(normalized), dtype=np.int64)
-    for i, text in enumerate(normalized):
-        words = text.split()
-        lengths[i] = len(words)
-        ids.extend([vocab.setdefault(w, len(vocab)) for w in words])
-    word_hash = np.fromiter((int.from_bytes(hashlib.blake2b(w.encode(), digest_size=8).digest(), "little") for w in vocab),
-                            dtype=np.uint64, count=len(vocab))
+_POLY = 0x9E3779B97F4A7C15  # odd, so invertible modulo 2^64
+_POLY_INVERSE = pow(_POLY, -1, 1 << 64)
+_WORD_BYTES = np.zeros(256, dtype=bool)
+_WORD_BYTES[list(b"0123456789abcdefghijklmnopqrstuvwxyz ")] = True
+
+
+def word_hashes(normalized: list[str], *, chunk_bytes: int = 1 << 22) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """The words of all normalized texts (``normalize_text``: words of [0-9a-z] between single spaces)
+    as one array of uint64 word hashes, each text's word count, and its first position.
+
+    A word's hash is a polynomial hash of its bytes modulo 2^64 (base ``_POLY``) with its length,
+    mixed by ``fmix64``: stable across runs and processes, and computed on the bytes of joined texts
+    (about ``chunk_bytes`` at a time), so no Python code runs per word."""
+    lengths = np.fromiter((text.count(" ") + 1 if text else 0 for text in normalized), dtype=np.int64, count=len(normalized))
+    chars = np.fromiter((len(text) + 1 for text in normalized), dtype=np.int64, count=len(normalized))
+    ends_at = np.cumsum(chars)
+    size = int(min(max(chunk_bytes, chars.max(initial=0)), ends_at[-1] if len(ends_at) else 0)) + 1
+    parts = []
+    with np.errstate(over="ignore"):
+        # P^i and P^-i (mod 2^64) for every byte offset of a chunk, computed once
+        powers = np.cumprod(np.full(size, _POLY, dtype=np.uint64)) * np.uint64(_POLY_INVERSE)
+        inverse = np.cumprod(np.full(size, _POLY_INVERSE, dtype=np.uint64)) * np.uint64(_POLY)
+        lo = 0
+        while lo < len(normalized):
+            hi = max(int(np.searchsorted(ends_at, ends_at[lo] - chars[lo] + size - 1, "right")), lo + 1)
+            texts = [text for text in normalized[lo:hi] if text]
+            lo = hi
+            if not texts:
+                continue
+            data = np.frombuffer(" ".join(texts).encode(), dtype=np.uint8)
+            if not _WORD_BYTES[data].all():
+                raise ValueError("word_hashes needs normalized text (normalize_text): words of [0-9a-z] between single spaces")
+            spaces = np.flatnonzero(data == 32)
+            starts = np.concatenate([[0], spaces + 1])
+            ends = np.concatenate([spaces, [data.size]])
+            prefix = np.zeros(data.size + 1, dtype=np.uint64)
+            np.cumsum(data * powers[: data.size], out=prefix[1:])
+            # sum of byte_i * P^(i - start) over the word: its prefix difference moved back to offset 0
+            poly = (prefix[ends] - prefix[starts]) * inverse[starts]
+            parts.append(fmix64(poly ^ (ends - starts).astype(np.uint64) * np.uint64(_POLY)))
     starts = np.zeros(len(normalized), dtype=np.int64)
     np.cumsum(lengths[:-1], out=starts[1:])
-    return word_hash[np.frombuffer(ids, dtype=np.int64)] if ids else np.empty(0, dtype=np.uint64), lengths, starts
+    return (np.concatenate(parts) if parts else np.empty(0, dtype=np.uint64)), lengths, starts
 
 
 def ngram_hashes(hashes: np.ndarray, lengths: np.ndarray, starts: np.ndarray, n: int) -> tuple[np.ndarray, np.ndarray]:

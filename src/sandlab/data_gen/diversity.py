@@ -25,7 +25,7 @@ from typing import Any
 import numpy as np
 
 from sandlab.data_gen.taxonomy import Taxonomy
-from sandlab.embeddings import embed, inner_product_index
+from sandlab.embeddings import embed, similar_pairs
 from sandlab.records import Record, write_json
 from sandlab.stages import Kind, Stage, StageContext
 from sandlab.text import normalize_text
@@ -127,17 +127,11 @@ def embedding_spread(vectors: np.ndarray, top_k: int = 10) -> dict[str, Any]:
 
 def near_duplicate_rate(vectors: np.ndarray, threshold: float, *, ivf_min_records: int = 20000, nprobe: int = 8) -> float:
     """Share of rows with at least one other row at cosine >= ``threshold`` (0.0 for n < 2)."""
-    vectors = np.ascontiguousarray(vectors, dtype=np.float32)
     n = len(vectors)
     if n < 2:
         return 0.0
-    index = inner_product_index(vectors, ivf_min_records=ivf_min_records, nprobe=nprobe)
-    sims, ids = index.search(vectors, 2)
-    # With identical rows the self-match need not come first: take the best neighbour that is not i
-    # (faiss pads missing results with id -1).
-    others = (ids != np.arange(n)[:, None]) & (ids >= 0)
-    best = np.where(others, sims, -np.inf).max(axis=1)
-    return float((best >= threshold).sum()) / n
+    rows, _, _ = similar_pairs(vectors, threshold=threshold, k=1, ivf_min_records=ivf_min_records, nprobe=nprobe, earlier_only=False)
+    return float(len(np.unique(rows))) / n
 
 
 def diversity_report(records: Sequence[Record], *, leaves: list[str] | None, vectors: np.ndarray | None,

@@ -1,4 +1,4 @@
-"""Math answer equivalence: a string fast path, then math-verify.
+"""Math answer equivalence: a string fast path, plain numbers compared exactly, then math-verify.
 
 math-verify does the real work (LaTeX -> sympy, numeric/symbolic/set/interval comparison). This
 module only (1) feeds it already-extracted answers, because its own extraction does not prefer the
@@ -12,10 +12,11 @@ from __future__ import annotations
 import logging
 import re
 import threading
+from fractions import Fraction
 from functools import lru_cache
 from typing import Any
 
-__all__ = ["math_equal", "fast_equal", "normalize_answer", "strip_assignment"]
+__all__ = ["math_equal", "fast_equal", "normalize_answer", "numeric_verdict", "strip_assignment"]
 
 _SPACING = re.compile(r"\\[!,;:]|\\ |\\(?:left|right)(?![A-Za-z])|\\displaystyle(?![A-Za-z])|\s+")
 _ASSIGNMENT = re.compile(r"\s*(?:[A-Za-z]|\\[A-Za-z]+)\s*=\s*(.+)", re.DOTALL)
@@ -36,6 +37,47 @@ def fast_equal(gold: str, pred: str | None) -> bool:
     pred = strip_assignment(gold, pred)
     norm = normalize_answer(gold)
     return bool(norm) and norm == normalize_answer(pred)
+
+
+# Plain numbers: integers (up to 15 digits, no leading zeros), decimals, \frac{p}{q} and p/q of such integers.
+_INT = r"-?(?:0|[1-9][0-9]{0,14})"
+_DEN = r"[1-9][0-9]{0,14}"
+_NUMBER = re.compile(
+    rf"(?P<int>{_INT})|(?P<dec>-?[0-9]{{1,15}}\.[0-9]{{1,15}})"
+    rf"|(?P<sign>-?)\\frac\{{(?P<fn>{_INT})\}}\{{(?P<fd>{_DEN})\}}|(?P<sn>{_INT})/(?P<sd>{_DEN})"
+)
+
+
+def _plain_number(answer: str) -> tuple[Fraction, bool] | None:
+    """(value, exact) of a plain number; ``exact`` is False for decimals (math-verify rounds floats)."""
+    m = _NUMBER.fullmatch(normalize_answer(answer))
+    if m is None:
+        return None
+    if m["int"] is not None:
+        return Fraction(int(m["int"])), True
+    if m["dec"] is not None:
+        return Fraction(m["dec"]), False
+    if m["fn"] is not None:
+        value = Fraction(int(m["fn"]), int(m["fd"]))
+        return (-value if m["sign"] else value), True
+    return Fraction(int(m["sn"]), int(m["sd"])), True
+
+
+def numeric_verdict(gold: str, pred: str | None) -> bool | None:
+    """math-verify's verdict where both answers are plain numbers and it is certain, else None.
+
+    Equal values are equivalent for math-verify whatever their forms (``2`` = ``2.0`` = ``\frac{4}{2}``);
+    different integers and fractions are not (it compares rationals exactly). Different values where a
+    decimal takes part go to math-verify, which rounds floats (``0.333333`` = ``1/3``).
+    tests/test_grading.py checks this against math-verify itself."""
+    if pred is None:
+        return None
+    a, b = _plain_number(gold), _plain_number(strip_assignment(gold, pred))
+    if a is None or b is None:
+        return None
+    if a[0] == b[0]:
+        return True
+    return False if a[1] and b[1] else None
 
 
 def strip_assignment(gold: str, pred: str) -> str:
@@ -110,6 +152,8 @@ def math_equal(gold: str, pred: str | None, timeout_s: float | None = 5) -> bool
     pred = strip_assignment(gold, pred)
     if fast_equal(gold, pred):
         return True
+    if (verdict := numeric_verdict(gold, pred)) is not None:
+        return verdict
     on_main = threading.current_thread() is threading.main_thread()
     timeout = max(1, int(timeout_s)) if (timeout_s and on_main) else None
     gold_parsed = _parse_gold(gold, timeout)

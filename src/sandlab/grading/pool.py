@@ -33,13 +33,14 @@ from typing import Any
 
 from sandlab.config import AnswerRule
 from sandlab.grading.extract import extract_choice, extract_math_answer
-from sandlab.grading.math_equiv import fast_equal
+from sandlab.grading.math_equiv import fast_equal, numeric_verdict
 from sandlab.grading.types import (
     CHOICE,
     ERROR,
     KINDS,
     MATH_VERIFY,
     NO_ANSWER,
+    NUMBER_MATCH,
     STRING_MATCH,
     TIMEOUT,
     GradeItem,
@@ -179,9 +180,9 @@ def _shutdown(workers: list[_Worker], owner_pid: int) -> None:
 def decide_cheaply(item: GradeItem) -> tuple[GradeResult | None, str | None]:
     """Grade ``item`` in-process when no maths is needed; else ``(None, extracted prediction)``.
 
-    Multiple-choice items, responses without an answer, and answers equal to the gold after
-    textual normalisation never need math-verify, so they skip the worker round-trip. Math answers
-    are read by ``item.rule`` (see ``sandlab.grading.extract``).
+    Multiple-choice items, responses without an answer, answers equal to the gold after textual
+    normalisation, and plain numbers that ``numeric_verdict`` decides never need math-verify, so they
+    skip the worker round-trip. Math answers are read by ``item.rule`` (see ``sandlab.grading.extract``).
     """
     if item.kind not in KINDS:
         raise ValueError(f"unknown grading kind {item.kind!r}; expected one of {', '.join(KINDS)}")
@@ -198,6 +199,8 @@ def decide_cheaply(item: GradeItem) -> tuple[GradeResult | None, str | None]:
         return GradeResult(None, False, NO_ANSWER), None
     if fast_equal(item.gold, pred):
         return GradeResult(pred, True, STRING_MATCH), pred
+    if (verdict := numeric_verdict(item.gold, pred)) is not None:
+        return GradeResult(pred, verdict, NUMBER_MATCH), pred
     return None, pred
 
 

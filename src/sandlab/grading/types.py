@@ -12,6 +12,7 @@ ANSWER_RULES = tuple(str(r) for r in AnswerRule)
 # GradeResult.reason values: how the verdict was reached.
 NO_ANSWER = "no_answer"  # nothing extractable in the final part of the response
 STRING_MATCH = "string_match"  # equal after textual normalisation (decided without math-verify)
+NUMBER_MATCH = "number_match"  # both plain numbers, compared exactly where math-verify would (no math-verify)
 MATH_VERIFY = "math_verify"  # decided by math-verify (correct or not)
 CHOICE = "choice"  # multiple-choice letter compared with the gold letter
 TIMEOUT = "timeout"  # the hard per-item limit ran out; the worker was killed
