@@ -52,16 +52,17 @@ models: install
 demo: models
 	$(VENV)/bin/sandlab --config-name demo $(ARGS)
 
-# Test processes (pytest-xdist, one module per worker at a time: tests/conftest.py). Two keep a 2-core
-# machine busy while a test waits on a subprocess, a server or a Slurm job; 0 runs in one process.
+# Test processes (pytest-xdist; --dist loadfile keeps a module's tests on one worker, tests/conftest.py
+# starts the longest modules first). Two keep a 2-core machine busy while a test waits on a subprocess,
+# a server or a Slurm job; 0 runs everything in one process.
 TEST_WORKERS ?= 2
 
 test: models
-	$(PY) -m pytest tests -n $(TEST_WORKERS) --dist loadgroup $(PYTEST_ARGS)
+	$(PY) -m pytest tests -n $(TEST_WORKERS) --dist loadfile $(PYTEST_ARGS)
 
 # The quick tier (under 3 minutes on 2 cores): no test marked slow, vllm or slurm (markers: pytest.ini).
 test-fast: models
-	$(PY) -m pytest tests -m "not slow and not vllm and not slurm" -n $(TEST_WORKERS) --dist loadgroup $(PYTEST_ARGS)
+	$(PY) -m pytest tests -m "not slow and not vllm and not slurm" -n $(TEST_WORKERS) --dist loadfile $(PYTEST_ARGS)
 
 bench-grading: install
 	$(PY) eval/bench_grading.py --markdown

@@ -130,13 +130,11 @@ LONGEST_MODULES = ("test_slurm", "test_pipeline", "test_train_distributed", "tes
 
 
 def pytest_collection_modifyitems(config, items):
-    """Under pytest-xdist (``make test`` runs ``-n 2 --dist loadgroup``): a module's tests stay on one
-    worker, so its module- and session-scoped engines, servers and pools start once, and the Slurm
-    tests never share the local cluster with each other."""
-    if not getattr(config.option, "numprocesses", None):
+    """Under pytest-xdist (``make test`` runs ``-n 2 --dist loadfile``: a module's tests stay on one
+    worker, so its module- and session-scoped engines and servers start once, and the Slurm tests
+    never share the local cluster), the longest modules come first. The workers collect; the
+    controller hands out modules in the order they report."""
+    if not hasattr(config, "workerinput"):
         return
-    for item in items:
-        if not item.get_closest_marker("xdist_group"):
-            item.add_marker(pytest.mark.xdist_group(item.module.__name__))
     rank = {name: i for i, name in enumerate(LONGEST_MODULES)}
-    items.sort(key=lambda item: rank.get(item.module.__name__.rsplit(".", 1)[-1], len(rank)))  # stable: order inside a module kept
+    items.sort(key=lambda item: rank.get(item.path.stem, len(rank)))  # stable: order inside a module kept

@@ -130,6 +130,25 @@ def test_static_fast_path_equals_model2vec(static_path):
         assert cosine > 0.9999, (cosine, text[:60])
 
 
+def test_static_fast_path_reads_non_ascii_text_as_the_tokenizer_does(static_path):
+    """Accents, Greek (final sigma), CJK, math symbols, typographic punctuation, no-break and zero-width
+    spaces, combining marks, emoji and line separators: the shortcut splits the raw text as the
+    tokenizer does after its normalizer, so the vectors equal model2vec's own encode."""
+    model = embeddings._load_static(static_path)
+    rng = np.random.default_rng(1)
+    chars = list("éÅΑΣσς中文字×≤’–—\u00a0\u200b\u0301\u2028\x85İßπ😀°…½ﬁ\u1fefالعربيةภาษาไทย\u3000\u2003")
+    chunks = ["ΟΔΟΣ end", "a\u0301b", " \u0301x", ".\u0301", "x\u200b.y", "3×4=12", "中a中", "İstanbul", "ﬁne", "a\u2028b", "½ cup"]
+    words = "the a 2x+1 café ΑΣ 中文 £5 ‘quoted’ x² ≤ 3×4 — … naïve İ".split()
+    texts = ["".join(rng.choice(chars + chunks, size=int(rng.integers(1, 12)))) + " " + " ".join(rng.choice(words, size=6)) for _ in range(300)]
+    splitter = embeddings._UnicodePieces(model.tokenizer)
+    shortcut = sum(splitter.pieces(t) is not None for t in texts)
+    assert shortcut > 0.8 * len(texts)  # most take the shortcut (a text with U+0085 does not: Python splits there, BERT joins)
+    fast = embeddings.encode_static(model, texts)
+    reference = np.asarray(model.encode(texts, show_progress_bar=False, use_multiprocessing=False), dtype=np.float32)
+    cosines = (fast * reference).sum(axis=1) / (np.linalg.norm(fast, axis=1) * np.linalg.norm(reference, axis=1))
+    assert cosines.min() > 0.9999, texts[int(cosines.argmin())]
+
+
 def test_static_embeddings_of_a_later_call_reuse_the_last_ones(static_path, monkeypatch):
     texts = [SOURCE, NEAR_COPY, UNRELATED, "A fourth text about triangles."]
     first = embeddings.embed(texts, model=STATIC)

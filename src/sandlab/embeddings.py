@@ -12,6 +12,7 @@ import hashlib
 import json
 import os
 import re
+import unicodedata
 from array import array
 from functools import lru_cache
 from pathlib import Path
@@ -21,6 +22,7 @@ import numpy as np
 from sandlab.config import EMBEDDING_DEVICES
 from sandlab.errors import ConfigError
 from sandlab.models import cache_dir, resolve_model_path
+from sandlab.text import SpanHasher, chunks_by_bytes
 
 
 def resolve_device(device: str = "auto") -> str:
@@ -103,6 +105,100 @@ _ASCII_PIECES = re.compile(r"[a-z0-9]+|[^a-z0-9\s]")
 _CONTROL = re.compile(r"[\x00-\x08\x0b\x0c\x0e-\x1f\x7f]")
 
 
+_ASCII_PUNCTUATION = "".join(chr(c) for c in range(33, 127) if not chr(c).isalnum())
+_ALNUM_BYTES = np.zeros(256, dtype=bool)
+_ALNUM_BYTES[list(b"0123456789abcdefghijklmnopqrstuvwxyz")] = True
+_PUNCTUATION_BYTES = np.zeros(256, dtype=bool)
+_PUNCTUATION_BYTES[list(_ASCII_PUNCTUATION.encode())] = True
+
+
+def _ascii_piece_columns(texts: list[str], columns: dict[str, int], *, chunk_bytes: int = 1 << 22) -> tuple[np.ndarray, np.ndarray]:
+    """``_ASCII_PIECES.findall(text.lower())`` for all (ASCII, control-free) texts at once, as (pieces
+    per text, column of each piece in ``columns``, which gains the new pieces): pieces are found and
+    hashed on the bytes of the joined texts; Python runs once per distinct piece of a chunk only."""
+    sizes = np.fromiter((len(t) + 1 for t in texts), dtype=np.int64, count=len(texts))
+    largest, bounds = chunks_by_bytes(sizes, chunk_bytes)
+    hasher = SpanHasher(largest)
+    known: dict[int, int] = {}  # piece hash -> column
+    counts, cols = [], []
+    for lo, hi in bounds:
+        joined = "\n".join(texts[lo:hi]).lower()
+        data = np.frombuffer(joined.encode(), dtype=np.uint8)
+        alnum, punct = _ALNUM_BYTES[data], _PUNCTUATION_BYTES[data]
+        starts = np.flatnonzero(punct | (alnum & ~np.concatenate([[False], alnum[:-1]])))
+        ends = np.flatnonzero(punct | (alnum & ~np.concatenate([alnum[1:], [False]]))) + 1
+        text_ends = np.cumsum(sizes[lo:hi]) - 1  # offset of the separator after each text
+        counts.append(np.bincount(np.searchsorted(text_ends, starts), minlength=hi - lo))
+        unique, first, inverse = np.unique(hasher(data, starts, ends), return_index=True, return_inverse=True)
+        mapped = np.empty(len(unique), dtype=np.int64)
+        for u, (h, f) in enumerate(zip(unique.tolist(), first.tolist())):
+            col = known.get(h)
+            if col is None:
+                col = known[h] = columns.setdefault(joined[starts[f] : ends[f]], len(columns))
+            mapped[u] = col
+        cols.append(mapped[inverse.ravel()].astype(np.int32))
+    if not bounds:
+        return np.zeros(0, dtype=np.int64), np.zeros(0, dtype=np.int32)
+    return np.concatenate(counts), np.concatenate(cols)
+
+
+def _is_bert_punctuation(char: str) -> bool:
+    return char in _ASCII_PUNCTUATION or unicodedata.category(char).startswith("P")
+
+
+class _UnicodePieces:
+    """BERT pre-tokenization of text with non-ASCII characters, read off the raw text: pieces are runs of
+    word characters and single punctuation (or CJK) characters, split at whitespace, as the tokenizer
+    cuts them after its normalizer (clean-up, CJK spacing, accents stripped, lower case).
+
+    Each distinct non-ASCII character is classified once by running the tokenizer's own normalizer on
+    it; a character whose class could change with its neighbours, or that Python's whitespace and
+    BERT's disagree on, makes its text go through ``model.encode`` instead (``pieces`` returns None).
+    Pieces keep their case: the tokenizer lower-cases each one as it does in context (character by
+    character, so no final-sigma rule)."""
+
+    def __init__(self, tokenizer):
+        self.normalize = tokenizer.normalizer.normalize_str
+        self.kinds: dict[str, str] = {}  # non-ASCII character -> word | space | punct | unsafe
+        self.punctuation = ""
+        self.pattern = self._compile()
+
+    def _compile(self) -> re.Pattern:
+        punct = re.escape(_ASCII_PUNCTUATION + self.punctuation)
+        return re.compile(rf"[^\s{punct}]+|[{punct}]")
+
+    def _kind(self, char: str) -> str:
+        normalized, space = self.normalize(char), char.isspace()
+        if not normalized:  # removed (control, format, combining mark): joins its neighbours, as in context
+            return "unsafe" if space else "word"
+        if normalized.isspace() or space:
+            return "space" if normalized.isspace() and space else "unsafe"
+        if len(normalized) == 1 and _is_bert_punctuation(normalized):
+            return "punct"
+        if len(normalized) == 3 and normalized[0] == normalized[2] == " ":
+            return "punct"  # a CJK character, set apart by the normalizer: its own piece
+        if any(c.isspace() or _is_bert_punctuation(c) for c in normalized):
+            return "unsafe"
+        return "word"
+
+    def pieces(self, text: str) -> list[str] | None:
+        recompile = False
+        for char in set(text):
+            if char.isascii():
+                continue
+            kind = self.kinds.get(char)
+            if kind is None:
+                kind = self.kinds[char] = self._kind(char)
+                if kind == "punct":
+                    self.punctuation += char
+                    recompile = True
+            if kind == "unsafe":
+                return None
+        if recompile:
+            self.pattern = self._compile()
+        return self.pattern.findall(text)
+
+
 # path -> ({text: row}, normalized vectors) of the last static-model call in this process: dedup and then
 # decontamination of the records it kept (one data job) embed each text once.
 _LAST_STATIC: dict[str, tuple[dict[str, int], np.ndarray]] = {}
@@ -129,15 +225,23 @@ def _embed_static_reusing_last(path: str, texts: list[str], batch_size: int) -> 
     return out.copy()
 
 
+def _bag_matrix(per_row: np.ndarray, cols: np.ndarray, width: int):
+    """Rows of piece counts: row i holds the next ``per_row[i]`` entries of ``cols``."""
+    import scipy.sparse  # noqa: PLC0415
+
+    indptr = np.zeros(len(per_row) + 1, dtype=np.int64)
+    np.cumsum(per_row, out=indptr[1:])
+    return scipy.sparse.csr_matrix((np.ones(len(cols), dtype=np.float32), cols, indptr), shape=(len(per_row), width))
+
+
 def encode_static(model, texts: list[str], *, batch_size: int = 1024) -> np.ndarray:
     """model2vec's ``encode`` (mean of the token embeddings, unknown tokens dropped) with each distinct
     word tokenized once: a static model's mean depends only on the bag of tokens, and WordPiece cuts each
-    pre-tokenized word alone, so a text's tokens are its words' tokens. Texts the shortcut cannot read
-    exactly (non-ASCII or control characters, or long enough for model2vec's truncation) and models with
-    token weights or a token mapping use ``model.encode`` itself. Equal to it up to float16 rounding
-    (tests/test_embeddings.py); about 8x faster on repetitive corpora (docs/PERFORMANCE.md)."""
-    import scipy.sparse  # noqa: PLC0415
-
+    pre-tokenized word alone, so a text's tokens are its words' tokens. ASCII texts are cut into pieces
+    all at once on their joined bytes, others by ``_UnicodePieces``. Texts the shortcut cannot read
+    exactly (ASCII control characters, rare non-ASCII ones, or long enough for model2vec's truncation)
+    and models with token weights or a token mapping use ``model.encode`` itself. Equal to it up to
+    float16 rounding (tests/test_embeddings.py)."""
     n = len(texts)
     if not n:
         return np.zeros((0, model.dim), dtype=np.float32)
@@ -149,16 +253,26 @@ def encode_static(model, texts: list[str], *, batch_size: int = 1024) -> np.ndar
     cols = array("i")  # machine integers (a Python list of 10^8 ints would cost gigabytes)
     lengths = np.zeros(n, dtype=np.int64)
     slow: list[int] = []
+    plain: list[int] = []  # ASCII texts: their pieces are found for all of them at once
     specials = [t.content for t in model.tokenizer.get_added_tokens_decoder().values()]
     special = re.compile("|".join(map(re.escape, specials)), re.IGNORECASE) if specials else None
+    unicode_pieces = None
     for i, text in enumerate(texts):
-        if (not text.isascii() or _CONTROL.search(text) or (char_cap is not None and len(text) > char_cap)
+        if (_CONTROL.search(text) or (char_cap is not None and len(text) > char_cap)
                 or (special is not None and special.search(text))):  # "[UNK]" written in a text is one token
             slow.append(i)
             continue
-        words = _ASCII_PIECES.findall(text.lower())
+        if text.isascii():
+            plain.append(i)
+            continue
+        unicode_pieces = unicode_pieces or _UnicodePieces(model.tokenizer)
+        words = unicode_pieces.pieces(text)
+        if words is None:
+            slow.append(i)
+            continue
         lengths[i] = len(words)
         cols.extend([columns.setdefault(w, len(columns)) for w in words])
+    plain_lengths, plain_cols = _ascii_piece_columns([texts[i] for i in plain], columns)
     table = np.asarray(model.embedding, dtype=np.float32)
     dim = table.shape[1]
     word_sum = np.zeros((len(columns), dim), dtype=np.float32)
@@ -172,10 +286,9 @@ def encode_static(model, texts: list[str], *, batch_size: int = 1024) -> np.ndar
                 word_all[w], word_tokens[w] = len(enc.ids), len(ids)
                 if ids:
                     word_sum[w] = table[ids].sum(axis=0)
-    indptr = np.zeros(n + 1, dtype=np.int64)
-    np.cumsum(lengths, out=indptr[1:])
-    bags = scipy.sparse.csr_matrix((np.ones(len(cols), dtype=np.float32), np.frombuffer(cols, dtype=np.int32), indptr),
-                                   shape=(n, len(columns)))
+    plain_per_row = np.zeros(n, dtype=np.int64)
+    plain_per_row[plain] = plain_lengths
+    bags = _bag_matrix(lengths, np.frombuffer(cols, dtype=np.int32), len(columns)) + _bag_matrix(plain_per_row, plain_cols, len(columns))
     vectors = np.asarray(bags @ word_sum, dtype=np.float32)
     tokens = bags @ word_tokens
     if max_length:  # more tokens than model2vec keeps: its own truncation decides

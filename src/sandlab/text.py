@@ -63,40 +63,53 @@ _WORD_BYTES = np.zeros(256, dtype=bool)
 _WORD_BYTES[list(b"0123456789abcdefghijklmnopqrstuvwxyz ")] = True
 
 
+class SpanHasher:
+    """64-bit hashes of byte spans of joined texts: a polynomial hash of the span's bytes modulo 2^64
+    (base ``_POLY``) with its length, mixed by ``fmix64``; stable across runs and processes. Spans are
+    hashed all at once from prefix sums, so no Python code runs per span."""
+
+    def __init__(self, size: int):
+        with np.errstate(over="ignore"):
+            # P^i and P^-i (mod 2^64) for every byte offset of a chunk of up to ``size`` bytes
+            self.powers = np.cumprod(np.full(size + 1, _POLY, dtype=np.uint64)) * np.uint64(_POLY_INVERSE)
+            self.inverse = np.cumprod(np.full(size + 1, _POLY_INVERSE, dtype=np.uint64)) * np.uint64(_POLY)
+
+    def __call__(self, data: np.ndarray, starts: np.ndarray, ends: np.ndarray) -> np.ndarray:
+        with np.errstate(over="ignore"):
+            prefix = np.zeros(data.size + 1, dtype=np.uint64)
+            np.cumsum(data * self.powers[: data.size], out=prefix[1:])
+            # sum of byte_i * P^(i - start) over the span: its prefix difference moved back to offset 0
+            poly = (prefix[ends] - prefix[starts]) * self.inverse[starts]
+            return fmix64(poly ^ (ends - starts).astype(np.uint64) * np.uint64(_POLY))
+
+
+def chunks_by_bytes(sizes: np.ndarray, chunk_bytes: int) -> tuple[int, list[tuple[int, int]]]:
+    """(largest chunk, [(lo, hi), ...]): consecutive items of ``sizes`` bytes each (separator included)
+    grouped into chunks of about ``chunk_bytes``; an item larger than that is a chunk of its own."""
+    ends_at = np.cumsum(sizes)
+    bounds, lo = [], 0
+    while lo < len(sizes):
+        hi = max(int(np.searchsorted(ends_at, ends_at[lo] - sizes[lo] + chunk_bytes, "right")), lo + 1)
+        bounds.append((lo, hi))
+        lo = hi
+    return max((int(ends_at[hi - 1] - ends_at[lo] + sizes[lo]) for lo, hi in bounds), default=0), bounds
+
+
 def word_hashes(normalized: list[str], *, chunk_bytes: int = 1 << 22) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """The words of all normalized texts (``normalize_text``: words of [0-9a-z] between single spaces)
-    as one array of uint64 word hashes, each text's word count, and its first position.
-
-    A word's hash is a polynomial hash of its bytes modulo 2^64 (base ``_POLY``) with its length,
-    mixed by ``fmix64``: stable across runs and processes, and computed on the bytes of joined texts
-    (about ``chunk_bytes`` at a time), so no Python code runs per word."""
+    as one array of uint64 word hashes (``SpanHasher``), each text's word count, and its first position."""
     lengths = np.fromiter((text.count(" ") + 1 if text else 0 for text in normalized), dtype=np.int64, count=len(normalized))
-    chars = np.fromiter((len(text) + 1 for text in normalized), dtype=np.int64, count=len(normalized))
-    ends_at = np.cumsum(chars)
-    size = int(min(max(chunk_bytes, chars.max(initial=0)), ends_at[-1] if len(ends_at) else 0)) + 1
-    parts = []
-    with np.errstate(over="ignore"):
-        # P^i and P^-i (mod 2^64) for every byte offset of a chunk, computed once
-        powers = np.cumprod(np.full(size, _POLY, dtype=np.uint64)) * np.uint64(_POLY_INVERSE)
-        inverse = np.cumprod(np.full(size, _POLY_INVERSE, dtype=np.uint64)) * np.uint64(_POLY)
-        lo = 0
-        while lo < len(normalized):
-            hi = max(int(np.searchsorted(ends_at, ends_at[lo] - chars[lo] + size - 1, "right")), lo + 1)
-            texts = [text for text in normalized[lo:hi] if text]
-            lo = hi
-            if not texts:
-                continue
-            data = np.frombuffer(" ".join(texts).encode(), dtype=np.uint8)
-            if not _WORD_BYTES[data].all():
-                raise ValueError("word_hashes needs normalized text (normalize_text): words of [0-9a-z] between single spaces")
-            spaces = np.flatnonzero(data == 32)
-            starts = np.concatenate([[0], spaces + 1])
-            ends = np.concatenate([spaces, [data.size]])
-            prefix = np.zeros(data.size + 1, dtype=np.uint64)
-            np.cumsum(data * powers[: data.size], out=prefix[1:])
-            # sum of byte_i * P^(i - start) over the word: its prefix difference moved back to offset 0
-            poly = (prefix[ends] - prefix[starts]) * inverse[starts]
-            parts.append(fmix64(poly ^ (ends - starts).astype(np.uint64) * np.uint64(_POLY)))
+    largest, bounds = chunks_by_bytes(np.fromiter((len(text) + 1 for text in normalized), dtype=np.int64, count=len(normalized)), chunk_bytes)
+    hasher, parts = SpanHasher(largest), []
+    for lo, hi in bounds:
+        texts = [text for text in normalized[lo:hi] if text]
+        if not texts:
+            continue
+        data = np.frombuffer(" ".join(texts).encode(), dtype=np.uint8)
+        if not _WORD_BYTES[data].all():
+            raise ValueError("word_hashes needs normalized text (normalize_text): words of [0-9a-z] between single spaces")
+        spaces = np.flatnonzero(data == 32)
+        parts.append(hasher(data, np.concatenate([[0], spaces + 1]), np.concatenate([spaces, [data.size]])))
     starts = np.zeros(len(normalized), dtype=np.int64)
     np.cumsum(lengths[:-1], out=starts[1:])
     return (np.concatenate(parts) if parts else np.empty(0, dtype=np.uint64)), lengths, starts
