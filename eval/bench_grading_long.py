@@ -122,7 +122,7 @@ def main() -> None:
                 times.append(time.perf_counter() - start)
         rows_out.append({"grader": f"sandlab GradingPool, {workers} worker{'s' if workers > 1 else ''}",
                          "seconds": statistics.median(times), "verdicts": [r.correct for r in results],
-                         "to_workers": sum(r.reason not in ("string_match", "no_answer") for r in results)})
+                         "to_workers": sum(r.reason not in ("string_match", "number_match", "no_answer") for r in results)})
     base = rows_out[0]["seconds"]
     if args.markdown:
         print("| grader | responses/s | median s | vs math-verify | sent to workers | verdicts = labels | verdicts = math-verify's |")
