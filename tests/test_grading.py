@@ -180,12 +180,32 @@ PLAIN_NUMBERS = ["0", "-0", "1", "-1", "2", "7", "12", "100", "123456789012345",
                  r"\frac{-3}{4}", "1/3", "2/4", "7/1", "x = 7", "$12$"]
 
 
+def math_verify_parse(answer: str) -> list:
+    """math-verify's own parse of an extracted answer, wrapped as sandlab's grader wraps it ($...$, then
+    \\boxed{...} when that gives no sympy object): the reference for sandlab's shortcuts."""
+    import math_verify as mv
+
+    body = answer.replace("$", "").strip()
+    config = [mv.LatexExtractionConfig(), mv.ExprExtractionConfig()]
+    parsed = mv.parse(f"${body}$", extraction_config=config)
+    if not any(not isinstance(p, str) for p in parsed):
+        parsed = mv.parse(f"\\boxed{{{body}}}", extraction_config=config)
+    return parsed
+
+
+def test_integer_answers_parse_as_math_verify_parses_them():
+    from sandlab.grading.math_equiv import _parse
+
+    for answer in ["0", "-0", "7", "-50", "007", "720", "123456789012345", " 42 ", "$12$"]:
+        assert _parse(answer, None) == math_verify_parse(answer), answer
+
+
 def test_numeric_verdict_agrees_with_math_verify():
     """Every pair of plain numbers the shortcut decides gets math-verify's own verdict (the reference:
-    math-verify's parse and verify, bypassing the shortcut)."""
+    math-verify's parse and verify, bypassing the shortcuts)."""
     import math_verify
 
-    from sandlab.grading.math_equiv import _parse, numeric_verdict, strip_assignment
+    from sandlab.grading.math_equiv import numeric_verdict, strip_assignment
 
     decided = 0
     for gold in PLAIN_NUMBERS:
@@ -194,7 +214,7 @@ def test_numeric_verdict_agrees_with_math_verify():
             if verdict is None:
                 continue
             decided += 1
-            reference = bool(math_verify.verify(_parse(gold, None), _parse(strip_assignment(gold, pred), None)))
+            reference = bool(math_verify.verify(math_verify_parse(gold), math_verify_parse(strip_assignment(gold, pred))))
             assert verdict == reference, (gold, pred)
     assert decided > 0.5 * len(PLAIN_NUMBERS) ** 2  # most pairs never reach math-verify (different decimals do)
     assert numeric_verdict("1/3", "0.333333") is None  # math-verify rounds floats: left to it
