@@ -98,10 +98,9 @@ def embed(
     return np.asarray(vectors, dtype=np.float32)
 
 
-# BERT-style normalization and pre-tokenization of plain ASCII text (lower case, words of letters and
-# digits, every other printable character its own piece), as the tokenizer of the distilled model
-# does it; other text (non-ASCII, control characters) goes through the tokenizer itself.
-_ASCII_PIECES = re.compile(r"[a-z0-9]+|[^a-z0-9\s]")
+# BERT-style pre-tokenization of ASCII text (lower case, words of letters and digits, every other
+# printable character its own piece) as the distilled model's tokenizer does it; non-ASCII text is
+# split by _UnicodePieces; text with ASCII control characters goes through the tokenizer itself.
 _CONTROL = re.compile(r"[\x00-\x08\x0b\x0c\x0e-\x1f\x7f]")
 
 
@@ -113,9 +112,9 @@ _PUNCTUATION_BYTES[list(_ASCII_PUNCTUATION.encode())] = True
 
 
 def _ascii_piece_columns(texts: list[str], columns: dict[str, int], *, chunk_bytes: int = 1 << 22) -> tuple[np.ndarray, np.ndarray]:
-    """``_ASCII_PIECES.findall(text.lower())`` for all (ASCII, control-free) texts at once, as (pieces
-    per text, column of each piece in ``columns``, which gains the new pieces): pieces are found and
-    hashed on the bytes of the joined texts; Python runs once per distinct piece of a chunk only."""
+    """The pieces of all (ASCII, control-free) texts at once, as ``[a-z0-9]+|[^a-z0-9\\s]`` cuts the
+    lower-cased text, as (pieces per text, column of each piece in ``columns``, which gains the new
+    pieces): found and hashed on the joined bytes; Python runs once per distinct piece of a chunk."""
     sizes = np.fromiter((len(t) + 1 for t in texts), dtype=np.int64, count=len(texts))
     largest, bounds = chunks_by_bytes(sizes, chunk_bytes)
     hasher = SpanHasher(largest)
