@@ -278,6 +278,17 @@ def test_adversarial_power_is_incorrect_and_bounded(pool):
     assert pool.grade_many(MIXED) == MIXED_EXPECTED
 
 
+def test_warm_up_loads_math_verify_in_a_fresh_process():
+    """The pool's workers call warm_up before reporting ready. It must reach math-verify's parser even
+    though plain numbers no longer need it, so the first real item's deadline is not spent on imports."""
+    code = ("import sys; from sandlab.grading.math_equiv import warm_up; "
+            "assert 'sympy' not in sys.modules; warm_up(); "
+            "print('sympy' in sys.modules, 'latex2sympy2_extended' in sys.modules)")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True,
+                         env={**os.environ, "PYTHONPATH": str(SRC)})
+    assert out.stdout.split() == ["True", "True"], out.stderr
+
+
 def test_hard_kill_replaces_worker():
     """With a 0.9 s limit math-verify's (whole-second) soft timeout cannot fire first: the worker is killed."""
     with GradingPool(num_workers=1, timeout_s=0.9) as small:

@@ -113,7 +113,7 @@ def _worker_main(conn: Connection) -> None:
     """Worker loop: receive ``(gold, pred, soft_timeout)``; reply ``("ok" | "timeout", bool)`` or ``("error", msg)``."""
     # Ctrl-C reaches the whole process group; the parent decides what happens to its workers.
     signal.signal(signal.SIGINT, signal.SIG_IGN)
-    from sandlab.grading.math_equiv import math_equal
+    from sandlab.grading.math_equiv import math_equal, warm_up
 
     flag = _TimeoutFlag()
     for name in ("math_verify.parser", "math_verify.grader"):
@@ -121,7 +121,7 @@ def _worker_main(conn: Connection) -> None:
 
     # Import sympy and build math-verify's parsers before reporting ready, so the first item's
     # deadline is not spent on start-up.
-    math_equal("\\frac{1}{2}", "0.5")
+    warm_up()
     conn.send(("ready", None))
     while True:
         try:
