@@ -3,8 +3,9 @@
 Synthetic problems with k solutions each, the answers spelled in equivalent ways (1/2, \\frac{1}{2},
 0.5, x=...), clustered by:
   old   the previous cluster_answers, kept here as the baseline: one pool round trip per answer
-  new   sandlab's cluster_answers: one round trip per cluster round, per problem (what the filter uses)
-  many  sandlab's cluster_answers_many: one round trip per round over all problems
+  new   sandlab's cluster_answers: one round trip per cluster round, per problem
+  many  sandlab's cluster_answers_many: one round trip per round over all problems (what the filter
+        uses, CLUSTER_BATCH problems at a time)
 Every method must give identical clusters; a fresh, warmed pool per run; methods interleaved.
 
     python eval/bench_cluster_answers.py [--problems 200] [--solutions 8] [--workers N] [--repeat 5]

@@ -95,7 +95,9 @@ def _solved(pid, answers, reference="5"):
     }
 
 
-def test_agreement_uses_math_equivalence(pool):
+@pytest.mark.parametrize("cluster_batch", [1, 2, 256])  # answers clustered per problem, across a batch boundary, all at once
+def test_agreement_uses_math_equivalence(pool, monkeypatch, cluster_batch):
+    monkeypatch.setattr("sandlab.data_gen.agreement.CLUSTER_BATCH", cluster_batch)
     records = [
         _solved("a", ["5", "5.0", "\\frac{10}{2}"]),  # unanimous through equivalence
         _solved("b", ["5", "6", "7"]),  # reference + one solution: 2 of 4 votes

@@ -29,6 +29,7 @@ _WORD = re.compile(r"[A-Za-z]{3,}")
 _YES_NO = re.compile(r"\b(yes|no)\b")
 # The judge sees the end of a solution, where the answer is; long traces are cut from the front.
 _JUDGE_TAIL_CHARS = 6000
+CLUSTER_BATCH = 256  # problems whose answers are clustered in one batch of pool calls
 
 
 def is_numeric_answer(answer: str) -> bool:
@@ -230,19 +231,28 @@ def filter_by_agreement(
     if use_judge:
         records = judge_missing_answers(judge, records, cfg, root)
     # Pass 1: votes (answer, index into solutions or -1 for the reference) and grader clusters.
-    plans: list[tuple[Record, list[tuple[str, int]], list[list[int]], int] | None] = []
+    plans: list[tuple[Record, list[tuple[str, int]], list[list[int]], int] | None] = [None] * len(records)
     dropped_early: dict[int, Record] = {}
-    for r, rec in enumerate(tqdm(records, desc="answer agreement", unit="problem", dynamic_ncols=True)):
+    pending: list[tuple[int, list[tuple[str, int]], int]] = []
+    for r, rec in enumerate(records):
         votes = [(s["answer"], i) for i, s in enumerate(rec["solutions"]) if s.get("answer")]
         with_reference = include_reference and rec.get("reference_answer")
         if with_reference:
             votes.append((str(rec["reference_answer"]), -1))
-        total = len(rec["solutions"]) + (1 if with_reference else 0)
-        if not votes:
+        if votes:
+            pending.append((r, votes, len(rec["solutions"]) + (1 if with_reference else 0)))
+        else:
             dropped_early[r] = {**rec, "reason": "no_parsable_answers"}
-            plans.append(None)
-            continue
-        plans.append((rec, votes, cluster_answers([a for a, _ in votes], pool, answer_kind(rec)), total))
+    # Clustered CLUSTER_BATCH problems at a time: one pool call per cluster round of the batch instead
+    # of per problem (fewer worker round trips), memory bounded by the batch.
+    with tqdm(total=len(pending), desc="answer agreement", unit="problem", dynamic_ncols=True) as bar:
+        for start in range(0, len(pending), CLUSTER_BATCH):
+            batch = pending[start:start + CLUSTER_BATCH]
+            groups = [[a for a, _ in votes] for _, votes, _ in batch]
+            clustered = cluster_answers_many(groups, pool, [answer_kind(records[r]) for r, _, _ in batch])
+            for (r, votes, total), clusters in zip(batch, clustered):
+                plans[r] = (records[r], votes, clusters, total)
+            bar.update(len(batch))
     # Pass 2 (judge): textual cluster representatives the grader could not compare, in one batch.
     if use_judge:
         pairs, where = [], []
