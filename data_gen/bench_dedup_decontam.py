@@ -5,8 +5,9 @@ so its wall time and peak memory (ru_maxrss) are its own.
 
 Records recombine clauses (sentence pieces) of the four benchmarks' problems (deterministic, ``--seed``); 1% of them are
 planted near-copies (light edits of an earlier record: a number changed, a word dropped, a prefix,
-reformatting) and 200 are lightly edited benchmark problems (decontamination), all with known ids, so
-recall (and precision) of the planted copies is measured.
+reformatting) and 200 are lightly edited benchmark problems, 200 distinct ones (decontamination), all
+with known ids, so recall (and precision) of the planted copies is measured; "planted benchmark
+problems left" counts those still in the output (neither flagged nor removed by dedup).
 
     python data_gen/bench_dedup_decontam.py --sizes 100000 1000000 --markdown              # static model
     python data_gen/bench_dedup_decontam.py --sizes 3000 --models embedded://all-minilm-l6-v2 embedded://minilm-l6-static --no-semhash --markdown
@@ -82,8 +83,11 @@ def corpus(n: int, seed: int = 0) -> tuple[list[dict], set[str], set[str]]:
     test = [it["problem"] for name in ("aime24", "aime25", "math500") for it in load_benchmark(name)]
     planted_test: set[str] = set()
     slots = rng.choice(np.setdiff1d(np.arange(n // 2), targets), size=min(PLANTED_TEST, n // 10), replace=False)
-    for j, s in enumerate(slots):
-        records[s] = {"id": f"test{j}", "problem": _edit(test[int(rng.integers(0, len(test)))], rng)}
+    # Distinct benchmark problems: two edits of one problem would be near-duplicates of each other, and
+    # dedup removing one before decontamination sees it would count as a decontamination miss.
+    sources = rng.choice(len(test), size=len(slots), replace=False)
+    for j, (s, src) in enumerate(zip(slots, sources)):
+        records[s] = {"id": f"test{j}", "problem": _edit(test[int(src)], rng)}
         planted_test.add(f"test{j}")
     return records, planted_dup, planted_test
 
@@ -117,7 +121,7 @@ def run_sandlab(n: int, model: str, seed: int, minhash: bool, threshold: float |
         "system": "sandlab", "model": model, "records": n, "threshold": dedup_cfg.threshold, "synthesize_s": round(made, 1),
         "dedup_s": round(dedup_s, 1), "decontam_s": round(decontam_s, 1), "total_s": round(dedup_s + decontam_s, 1),
         "dedup": _scores(dropped_ids, planted_dup), "decontam_recall": round(len(flagged & planted_test) / max(len(planted_test), 1), 4),
-        "contaminated": len(flagged), "peak_rss_gib": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20, 2),
+        "contaminated": len(flagged), "leaked": len(planted_test - flagged - dropped_ids), "peak_rss_gib": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20, 2),
     }
 
 
@@ -139,7 +143,7 @@ def run_semhash(n: int, model: str, seed: int, threshold: float | None) -> dict:
     return {
         "system": "semhash", "model": model, "records": n, "threshold": threshold, "synthesize_s": round(made, 1),
         "dedup_s": round(dedup_s, 1), "decontam_s": None, "total_s": round(dedup_s, 1), "dedup": _scores(dropped_ids, planted_dup),
-        "decontam_recall": None, "contaminated": None, "peak_rss_gib": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20, 2),
+        "decontam_recall": None, "contaminated": None, "leaked": None, "peak_rss_gib": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20, 2),
     }
 
 
@@ -198,14 +202,14 @@ def main() -> None:
                 print(json.dumps(rows[-1]), file=sys.stderr, flush=True)
     if args.markdown:
         print("| records | system | model | threshold | dedup s | decontam s | total s | near-copy recall | precision | "
-              "decontam recall | contaminated | peak RSS GiB |")
-        print("|---:|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|")
+              "decontam recall | contaminated | planted benchmark problems left | peak RSS GiB |")
+        print("|---:|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|")
         for r in rows:
             d = r["dedup"]
             print(f"| {r['records']:,} | {r['system']} | {r['model'].removeprefix('embedded://')} | {r['threshold']} | {r['dedup_s']} | "
                   f"{r['decontam_s'] if r['decontam_s'] is not None else '-'} | {r['total_s']} | {d['recall']} | {d['precision']} | "
                   f"{r['decontam_recall'] if r['decontam_recall'] is not None else '-'} | {r['contaminated'] if r['contaminated'] is not None else '-'} | "
-                  f"{r['peak_rss_gib']} |")
+                  f"{r['leaked'] if r.get('leaked') is not None else '-'} | {r['peak_rss_gib']} |")
 
 
 if __name__ == "__main__":
