@@ -101,8 +101,9 @@ def test_agreement_uses_math_equivalence(pool, monkeypatch, cluster_batch):
     records = [
         _solved("a", ["5", "5.0", "\\frac{10}{2}"]),  # unanimous through equivalence
         _solved("b", ["5", "6", "7"]),  # reference + one solution: 2 of 4 votes
-        _solved("c", [None, None, None]),  # only the reference parses
+        # Nothing to cluster, and before "c" so that clustered problems and records are numbered differently.
         _solved("d", [None, None, None], reference=None) | {"reference_answer": None},
+        _solved("c", [None, None, None]),  # only the reference parses
     ]
     kept, dropped = filter_by_agreement(records, AgreementStage(min_agreement=1.0, min_votes=2), pool, include_reference=True)
     assert [k["id"] for k in kept] == ["a"]

@@ -112,7 +112,9 @@ def warm_up() -> None:
     Calls math-verify directly: ``math_equal`` decides plain numbers without it, so a warm-up through
     ``math_equal`` would leave about 0.4 s of start-up for the first answer that needs maths."""
     mv = _math_verify()
-    mv.verify(_parse("\\sqrt{2}", None), _parse("2^{1/2}", None))
+    # A power, a polynomial identity, degrees and a set: sympy imports parts of itself on first use.
+    for gold, pred in (("\\sqrt{2}", "2^{1/2}"), ("x^2+2x+1", "(x+1)^2"), ("30^\\circ", "\\frac{\\pi}{6}"), ("\\{1,2\\}", "\\{2,1\\}")):
+        mv.verify(_parse(gold, None), _parse(pred, None))
 
 
 _PLAIN_INTEGER = re.compile(r"-?[0-9]{1,15}")
