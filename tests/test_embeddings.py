@@ -149,6 +149,18 @@ def test_static_fast_path_reads_non_ascii_text_as_the_tokenizer_does(static_path
     assert cosines.min() > 0.9999, texts[int(cosines.argmin())]
 
 
+def test_punctuation_learned_from_a_text_that_falls_back_splits_later_texts(static_path):
+    """A text with new punctuation and a character the shortcut cannot read (U+0085) goes to model2vec;
+    the punctuation it taught must still split the next texts (the tokenizer's pre-tokenizer is the reference)."""
+    tokenizer = embeddings._load_static(static_path).tokenizer
+    for mark in "–—‘’“”…«»¡¿،":
+        splitter = embeddings._UnicodePieces(tokenizer)
+        assert splitter.pieces(f"x{mark}y\x85") is None
+        text = f"x{mark}y"
+        expected = [piece for piece, _ in tokenizer.pre_tokenizer.pre_tokenize_str(tokenizer.normalizer.normalize_str(text))]
+        assert [piece.lower() for piece in splitter.pieces(text)] == expected, mark
+
+
 def test_static_embeddings_of_a_later_call_reuse_the_last_ones(static_path, monkeypatch):
     texts = [SOURCE, NEAR_COPY, UNRELATED, "A fourth text about triangles."]
     first = embeddings.embed(texts, model=STATIC)

@@ -181,20 +181,15 @@ class _UnicodePieces:
         return "word"
 
     def pieces(self, text: str) -> list[str] | None:
-        recompile = False
-        for char in set(text):
-            if char.isascii():
-                continue
-            kind = self.kinds.get(char)
-            if kind is None:
-                kind = self.kinds[char] = self._kind(char)
-                if kind == "punct":
-                    self.punctuation += char
-                    recompile = True
-            if kind == "unsafe":
-                return None
-        if recompile:
+        new = {char for char in set(text) if not char.isascii() and char not in self.kinds}
+        for char in new:
+            self.kinds[char] = self._kind(char)
+        # Learned punctuation joins the pattern now, even if this text goes to model.encode.
+        if learned := "".join(char for char in new if self.kinds[char] == "punct"):
+            self.punctuation += learned
             self.pattern = self._compile()
+        if any(self.kinds.get(char) == "unsafe" for char in set(text)):
+            return None
         return self.pattern.findall(text)
 
 
