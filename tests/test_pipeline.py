@@ -4,6 +4,7 @@ resume behaviour, and the one-line errors for bad input."""
 import json
 import os
 import re
+import shutil
 import signal
 import subprocess
 import sys
@@ -197,6 +198,30 @@ def test_rerun_refuses_to_skip_stages_that_ran_with_other_settings(tmp_path):
 
 
 @pytest.mark.slow
+def test_an_unfinished_stage_resumes_from_its_shards_only_with_the_settings_that_made_them(tmp_path):
+    """The filter saves its shards and then stops because it kept nothing. Rerun with looser settings, it
+    must not reuse those shards (they hold the old settings' verdicts, so it would keep nothing again);
+    it names them, and once they are gone it starts over with the new settings."""
+    teacher = ScriptedTeacher()
+    common = ["teacher=openai_servers", f"teacher.base_urls=[{teacher.url}]", "teacher.model=teacher", "data.generate.num_problems=4",
+              "data.shard_size=2", "data.solve.adaptive=false", "stages=[generate,solve,filter]", f"run.dir={tmp_path}"]
+    shards = tmp_path / "data/filter.shards-2"
+    try:
+        strict = run_sandlab(*common, "data.agreement.min_votes=4", entry=("data_gen/run.py",))  # k = 3: no problem can get 4 votes
+        assert strict.returncode != 0 and "kept 0 of 4" in strict.stderr and len(list(shards.glob("*.json"))) == 2, strict.stderr[-2000:]
+        loose = run_sandlab(*common, "data.agreement.min_votes=2", entry=("data_gen/run.py",))
+        shutil.rmtree(shards)
+        redone = run_sandlab(*common, "data.agreement.min_votes=2", entry=("data_gen/run.py",))
+    finally:
+        teacher.close()
+    last = loose.stderr.strip().splitlines()[-1]
+    assert loose.returncode == 2 and last.startswith("error: stage filter started in") and "(data.agreement.min_votes: 4 -> 2)" in last
+    assert str(shards) in last and "solve" not in last.split("(")[0]
+    assert redone.returncode == 0, redone.stderr[-2000:]
+    assert json.loads((tmp_path / "stages/filter.done").read_text())["out"] == 3  # the rectangle problem's answers disagree
+
+
+@pytest.mark.slow
 @pytest.mark.vllm
 @pytest.mark.skipif(not SHARED_BENCHMARKS.exists(), reason="needs ../shared/benchmarks")
 def test_tiny_recipe_train_eval_report_and_resume(tmp_path, sft_file):
@@ -339,8 +364,9 @@ def test_eval_sigkill_midway_resumes_with_identical_samples(tmp_path):
         chunks = killed / "eval/stub/math500/samples.chunks-2"
         finished = kill_after_saved_pieces([*entry, "--config-name", "tiny", *common, f"run.dir={killed}"], chunks, "*.jsonl", 2)
         assert 2 <= finished < 6 and not (killed / "eval/stub/math500/metrics.json").exists()
+        other_rule = run_sandlab(*common, "eval.answer_rule=last_box", f"run.dir={killed}", entry=entry)
         before = stub.requests
-        rerun = run_sandlab(*common, f"run.dir={killed}", entry=entry)
+        rerun = run_sandlab(*common, "eval.backend.max_concurrency=2", f"run.dir={killed}", entry=entry)  # how the server is called: no matter
         assert rerun.returncode == 0, rerun.stderr[-2000:]
     finally:
         stub.close()
@@ -348,6 +374,10 @@ def test_eval_sigkill_midway_resumes_with_identical_samples(tmp_path):
     resumed, straight = read(killed / "eval/stub/math500/samples.jsonl"), read(tmp_path / "whole/eval/stub/math500/samples.jsonl")
     assert resumed == straight and len({(s["item_id"], s["sample"]) for s in resumed}) == len(resumed) == 24
     assert stub.requests - before == 12 - 2 * finished  # one request per missing item
+    # The saved chunks were graded with the recipe's rule: resuming under another would mix two rules in one score.
+    refusal = other_rule.stderr.strip().splitlines()[-1]
+    assert other_rule.returncode == 2 and refusal.startswith("error: stage eval started in") and "(eval.answer_rule: 'multi' -> 'last_box')" in refusal
+    assert str(killed / "eval/stub/math500") in refusal
     metrics = json.loads((killed / "eval/stub/math500/metrics.json").read_text())
     assert metrics["samples_per_item"] == 2 and "pass@2" in metrics and "maj@2" in metrics and metrics["protocol"] == "demo"
 

@@ -148,6 +148,22 @@ def test_choices_compare_and_serialise_as_plain_strings():
     assert (again.data.agreement.mode, again.eval.table, again.eval.option_order) == (r.data.agreement.mode, r.eval.table, r.eval.option_order)
 
 
+def test_eval_fingerprint_keeps_what_changes_results_not_server_addresses_or_secrets():
+    """The values an evaluation's resume is checked against: the answer rule and the sampling count;
+    where the servers are (a resumed Slurm job gets new ones) does not; a secret in extra_body is masked."""
+    from sandlab.launch.fingerprints import stage_config
+
+    def values(*extra):
+        cfg = compose_recipe("tiny", ["run.dir=runs/x", "stages=[eval]", "eval.backend.backend=openai", *extra])
+        return stage_config(cfg, load_recipe(cfg), "eval")
+
+    here = values("eval.backend.base_urls=[http://node1:8000/v1]", "+eval.backend.extra_body.api_key=s3cret")
+    moved = values("eval.backend.base_urls=[http://node7:8000/v1]", "eval.backend.max_concurrency=3", "+eval.backend.extra_body.api_key=s3cret")
+    assert here == moved and here["eval.answer_rule"] == "multi" and here["eval.backend.extra_body.api_key"] == "***"
+    assert "s3cret" not in json.dumps(here) and "eval.backend.base_urls" not in here
+    assert values("eval.backend.base_urls=[http://node1:8000/v1]", "eval.answer_rule=last_box")["eval.answer_rule"] == "last_box"
+
+
 @pytest.mark.parametrize(
     "overrides, message",
     [

@@ -174,6 +174,25 @@ def test_judge_best_of_n_threshold_and_failures(tmp_path, judge_server):
         assert "<think>" not in body["messages"][0]["content"]
 
 
+def test_judge_seeds_follow_each_records_position_not_the_sharding(tmp_path, judge_server):
+    """Candidate j of the record at position p is judged with seed + p * k + j, whether the input runs
+    as one shard, shards of two or shards of one (records here have 3, 2, 1, 2 and 0 candidates)."""
+    seed, k = 100, 3
+    seen = {}
+    for size in (0, 2, 1):
+        before, here = len(judge_server.received), tmp_path / f"shards-{size}"
+        here.mkdir()
+        run_stage(here, "teacher=openai_servers", f"teacher.base_urls=[{judge_server.url}]", "teacher.model=judge",
+                  f"data.shard_size={size}", f"data.solve.k={k}", f"data.score.judge.sampling.seed={seed}")
+        seen[size] = {(prompt_of(r["body"])[1]["request"], prompt_of(r["body"])[1]["response"]): r["body"]["seed"]
+                      for r in judge_server.received[before:]}
+    expected = {}
+    for p, rec in enumerate(RECORDS):
+        complete = [s["text"].split("</think>")[-1].strip() for s in rec["solutions"] if s["finish_reason"] == "stop"]
+        expected.update({(rec["problem"], text): seed + p * k + j for j, text in enumerate(complete)})
+    assert seen[0] == seen[2] == seen[1] == expected
+
+
 def test_top_fraction_per_taxonomy_leaf(tmp_path, judge_server):
     records = [{"id": f"r{i}", "problem": f"Request {i}", "branch": "writing" if i < 4 else "coding", "topic": "x",
                 "solutions": solutions(f"quality={q} text")} for i, q in enumerate([3, 9, 6, 7, 2, 5])]

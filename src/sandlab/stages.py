@@ -89,9 +89,21 @@ class Stage:
     make_inputs: Callable[[StageContext], list[Record]] | None = None  # a first stage builds its own input
     input_fields: tuple[str, ...] = ()  # fields every input record needs
     input_hint: str = ""  # what to run first when they are missing
+    # What a started run saved and a resumed one would reuse (data stages: their shards and rounds).
+    saved: Callable[[StageContext], list[Path]] | None = None
 
     def config_keys(self, cfg: RecipeConfig) -> tuple[str, ...]:
         return self.config(cfg) if callable(self.config) else self.config
+
+    def saved_results(self, ctx: StageContext) -> list[Path]:
+        """The saved results of an unfinished (or finished) run of this stage in ``ctx``'s run directory."""
+        if self.saved is not None:
+            paths = self.saved(ctx)
+        elif self.kind is Kind.DATA:
+            paths = [*ctx.data_dir.glob(f"{self.name}.shards-*"), *ctx.data_dir.glob(f"{self.name}.rounds")]
+        else:
+            paths = []
+        return sorted(p for p in paths if p.exists())
 
     @property
     def job(self) -> str:

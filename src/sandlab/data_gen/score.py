@@ -27,7 +27,7 @@ from sandlab.config import JudgeSettings, Scorer, ScoreScope, ScoreStage
 from sandlab.data_gen.diversity import record_leaf
 from sandlab.data_gen.prompts import load_prompt
 from sandlab.grading import strip_reasoning
-from sandlab.inference.base import ChatBackend, sampling_from
+from sandlab.inference.base import ChatBackend, request_seed, sampling_from
 from sandlab.records import Record, write_json
 from sandlab.stages import Kind, Stage, StageContext
 
@@ -75,9 +75,10 @@ def _visible(text: str, include_reasoning: bool) -> str:
 
 
 def judge_pairs(backend: ChatBackend, pairs: list[tuple[str, str]], cfg: JudgeSettings, root: Path, *,
-                seed_offset: int = 0, structured: bool = True) -> tuple[list[tuple[float | None, dict[str, int] | None, str | None]], list[bool]]:
+                seeds: list[int | None] | None = None, structured: bool = True) -> tuple[list[tuple[float | None, dict[str, int] | None, str | None]], list[bool]]:
     """Per (request, response): (score, ratings, None) or (None, None, reason), and whether the response
-    was cut to ``max_response_chars`` (its front goes). ``structured=False`` sends no schema (benchmarks)."""
+    was cut to ``max_response_chars`` (its front goes). Pair ``i`` is judged with ``seeds[i]`` (default:
+    the judge's seed + i). ``structured=False`` sends no schema (benchmarks)."""
     fields = {"request": "", "response": "", "criteria": "", "min_rating": "", "max_rating": ""}
     template = load_prompt(root / cfg.prompt, "data.score.judge.prompt", **fields)
     criteria = "\n".join(f"- {c}: {cfg.descriptions[c]}" if c in cfg.descriptions else f"- {c}" for c in cfg.criteria)
@@ -86,9 +87,9 @@ def judge_pairs(backend: ChatBackend, pairs: list[tuple[str, str]], cfg: JudgeSe
     conversations = [[{"role": "user", "content": template.format(
         request=request, response=response[-cfg.max_response_chars:], criteria=criteria, min_rating=cfg.min_rating, max_rating=cfg.max_rating,
     )}] for request, response in pairs]
-    sampling = replace(sampling_from(cfg.sampling, n=1, offset=seed_offset), json_schema=schema if structured else None)
+    sampling = replace(sampling_from(cfg.sampling, n=1), json_schema=schema if structured else None)
     results = []
-    for [completion] in backend.generate(conversations, sampling, desc="judge"):
+    for [completion] in backend.generate(conversations, sampling, desc="judge", seeds=seeds):
         if not completion.ok:
             results.append((None, None, "judge_failed"))
         elif completion.truncated:
@@ -110,20 +111,23 @@ def score_records(ctx: StageContext, records: list[Record], offset: int = 0) -> 
     in_scope = [cfg.scope == ScoreScope.all or bool(r.get("unverified")) for r in records]
     kept: list[Record] = []
     dropped: list[Record] = []
-    plans = [(rec, _candidates(rec, cfg.best_of_n)) for rec, scoped in zip(records, in_scope) if scoped]
-    pairs = [(rec["problem"], _visible(text, cfg.include_reasoning)) for rec, texts in plans for text in texts]
+    plans = [(at, rec, _candidates(rec, cfg.best_of_n)) for at, (rec, scoped) in enumerate(zip(records, in_scope)) if scoped]
+    pairs = [(rec["problem"], _visible(text, cfg.include_reasoning)) for _, rec, texts in plans for text in texts]
     scored_by = f"judge:{ctx.cfg.teacher.model}" if cfg.scorer == Scorer.judge else f"reward_model:{cfg.reward_model.model}"
     if not pairs:  # nothing to score in this shard: no model loads
         results, cut = [], []
     elif cfg.scorer == Scorer.judge:
         k = max(1, ctx.cfg.data.solve.k)
-        # Judgement i of the shard is sampled with seed + offset * k + i (deterministic at the default temperature 0).
-        results, cut = judge_pairs(ctx.teacher, pairs, cfg.judge, ctx.root, seed_offset=offset * k)
+        # Candidate j of the record at position p of the whole input is judged with seed + p * k + j, however the
+        # input is sharded (deterministic anyway at the default temperature 0; a record with more than k candidates
+        # shares seeds with the next record's, on other conversations).
+        seeds = [request_seed(cfg.judge.sampling, (offset + at) * k + j) for at, _, texts in plans for j in range(len(texts))]
+        results, cut = judge_pairs(ctx.teacher, pairs, cfg.judge, ctx.root, seeds=seeds)
     else:
         rewards = ctx.reward_model.score([([{"role": "user", "content": request}], response) for request, response in pairs])
         results, cut = [(s, None, None) for s in rewards.scores], rewards.truncated
     at = 0
-    for rec, texts in plans:
+    for _, rec, texts in plans:
         span = slice(at, at + len(texts))
         at = span.stop
         mine, n_cut = results[span], sum(cut[span])

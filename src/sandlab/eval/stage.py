@@ -4,6 +4,7 @@ project's harness; results land in eval/results.json, samples and metrics per mo
 from __future__ import annotations
 
 import dataclasses
+from pathlib import Path
 from typing import Any
 
 from sandlab.errors import EmptyDatasetError
@@ -51,4 +52,10 @@ def preflight(ctx: StageContext) -> None:
         raise EmptyDatasetError(f"eval.models has 'tuned' but {ctx.tuned_dir()} does not exist; train first or set run.dir to a trained run")
 
 
-STAGE = Stage("eval", Kind.EVAL, run, preflight=preflight, needs_student=True, needs_gpu=always, reads_export_only=True, config=("eval",))
+def saved(ctx: StageContext) -> list[Path]:
+    """Each model's benchmark directories with saved samples (finished, or chunks of an unfinished one)."""
+    return sorted({p.parent for p in (ctx.run.path / "eval").glob("*/*/samples*")})
+
+
+STAGE = Stage("eval", Kind.EVAL, run, preflight=preflight, needs_student=True, needs_gpu=always, reads_export_only=True, config=("eval",),
+              saved=saved)

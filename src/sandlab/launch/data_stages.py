@@ -12,7 +12,7 @@ from typing import Any
 from sandlab.errors import EmptyDatasetError
 from sandlab.records import Record, map_shards, write_json, write_jsonl
 from sandlab.reporting import funnel_row
-from sandlab.stages import Stage, StageContext, require_fields
+from sandlab.stages import Stage, StageContext, get_stage, require_fields
 
 log = logging.getLogger("sandlab")
 
@@ -43,7 +43,7 @@ def apply_stage(ctx: StageContext, stage: Stage, records: list[Record], *, offse
 
 def remove_shards(ctx: StageContext, stage: str) -> None:
     # Merged into the stage's output now (with the solve stage's saved rounds).
-    for shards in [*ctx.data_dir.glob(f"{stage}.shards-*"), *ctx.data_dir.glob(f"{stage}.rounds")]:
+    for shards in get_stage(stage).saved_results(ctx):
         shutil.rmtree(shards, ignore_errors=True)
 
 

@@ -47,7 +47,13 @@ class Pipeline:
         return fingerprints.stage_config(self.raw_cfg, self.cfg, stage)
 
     def check_stage_config(self, stage: str, run: RunDir | None = None) -> None:
-        fingerprints.check_fingerprint((run or self.run).path, stage, self.stage_config(stage))
+        run = run or self.run
+        saved = get_stage(stage).saved_results(self.ctx) if run is self.run else []
+        fingerprints.check_fingerprint(run.path, stage, self.stage_config(stage), done=run.is_done(stage), saved=saved)
+
+    def mark_started(self, stage: str) -> None:
+        # Written before the stage saves anything: a resume with other settings would mix them.
+        fingerprints.write_fingerprint(self.run.path, stage, self.stage_config(stage))
 
     def mark_done(self, stage: str, summary: dict[str, Any]) -> None:
         fingerprints.write_fingerprint(self.run.path, stage, self.stage_config(stage))
@@ -149,7 +155,7 @@ class Pipeline:
 
         selected, merged = self.select(stages)
         for stage in selected:
-            if get_stage(stage).kind is not Kind.REPORT and self.run.is_done(stage):
+            if get_stage(stage).kind is not Kind.REPORT:
                 self.check_stage_config(stage)
         self.ctx.selected = selected
         memory = preflight(self.ctx, [s for s in selected if s not in merged])
@@ -172,6 +178,8 @@ class Pipeline:
                     log.info("%s: already done in %s, skipping", name, self.run.path)
                     continue
                 log.info("stage %s", name)
+                if main and stage.kind is not Kind.REPORT:
+                    self.mark_started(name)
                 if name in merged:
                     self._merge_partitions(stage)
                 elif stage.kind is Kind.DATA:

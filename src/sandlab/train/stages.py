@@ -104,9 +104,16 @@ def check_grpo(ctx: StageContext) -> None:
         log.info("GRPO config checked: %s", validate_grpo(ctx.cfg.rl))
 
 
+def _saved_checkpoints(directory: Path) -> list[Path]:
+    """A training output directory, once it holds a checkpoint or a saved model that a rerun would resume from or keep."""
+    held = [*directory.glob("checkpoint-*"), *directory.glob("*/checkpoint-*"), *directory.glob("config.json"), *directory.glob("*/config.json")]
+    return [directory] if held else []
+
+
 STAGES = (
     Stage("train", Kind.TRAIN, run_train, preflight=check_train, needs_student=True, needs_gpu=always, reads_export_only=True,
           config=("model.path", "model.chat_template", "data.dataset_path", "data.format", "data.config", "data.split", "data.mix",
-                  "data.variants", "train")),
-    Stage("grpo", Kind.TRAIN, run_grpo, preflight=check_grpo, needs_student=True, needs_gpu=always, config=("rl", "model.path")),
+                  "data.variants", "train"), saved=lambda ctx: _saved_checkpoints(ctx.tuned_dir())),
+    Stage("grpo", Kind.TRAIN, run_grpo, preflight=check_grpo, needs_student=True, needs_gpu=always, config=("rl", "model.path"),
+          saved=lambda ctx: _saved_checkpoints(ctx.grpo_dir())),
 )
