@@ -174,3 +174,68 @@ def test_vllm_plan_counts_full_length_sequences():
     budget = 191.5 * 0.9
     free = budget - weights - next(i.gib for i in ev.items if i.name == "runtime")
     assert ev.sequences == math.floor(free / kv_per_sequence) or ev.sequences == math.floor(free / kv_per_sequence) - 1
+
+
+def profiled_peak_bytes(fn) -> int:
+    """The most bytes ``fn`` holds allocated at once beyond what existed before it, from the
+    allocations and frees torch's profiler records (CPU)."""
+    import json
+    import tempfile
+
+    from torch.profiler import ProfilerActivity, profile
+
+    with profile(activities=[ProfilerActivity.CPU], profile_memory=True, record_shapes=True, with_stack=True) as prof:
+        fn()
+    with tempfile.TemporaryDirectory() as tmp:
+        prof.export_memory_timeline(f"{tmp}/timeline.json", device="cpu")
+        _, sizes = json.loads(open(f"{tmp}/timeline.json").read())  # noqa: SIM115
+    totals = [sum(s) for s in sizes]
+    return max(totals) - totals[0]
+
+
+@pytest.mark.parametrize("hidden, intermediate, heads, kv_heads", [(128, 512, 2, 1), (256, 1024, 4, 2)])
+def test_reward_model_forward_peak_matches_the_plans_activations(tmp_path, hidden, intermediate, heads, kv_heads):
+    """sandlab's reward model scoring one batch of full-length pairs (no padding) allocates what the plan
+    counts for activations, within 5%: the profiler's peak, not the formula, is the reference."""
+    import torch
+    from transformers import AutoConfig, AutoModelForSequenceClassification, AutoTokenizer
+
+    from sandlab.config import RewardModelSettings
+    from sandlab.inference.reward_model import RewardModel
+    from sandlab.launch.memory import reward_model_plan
+
+    source = resolve_model_path("embedded://tiny-random-reward")
+    config = AutoConfig.from_pretrained(source, hidden_size=hidden, intermediate_size=intermediate, num_attention_heads=heads,
+                                        num_key_value_heads=kv_heads, head_dim=hidden // heads, num_hidden_layers=4, num_labels=1)
+    torch.manual_seed(0)
+    AutoModelForSequenceClassification.from_config(config).save_pretrained(tmp_path)
+    AutoTokenizer.from_pretrained(source).save_pretrained(tmp_path)
+    settings = RewardModelSettings(model=str(tmp_path), batch_size=2, max_length=1024, dtype="bfloat16", device="cpu")
+    model = RewardModel(settings)
+    pairs = [([{"role": "user", "content": f"Question {i}?"}], " ".join(f"word{j}" for j in range(3000))) for i in range(2)]
+    try:
+        assert all(model.score(pairs).truncated)  # both cut to max_length: one unpadded batch
+        measured = profiled_peak_bytes(lambda: model.score(pairs))
+    finally:
+        model.close()
+    plan = reward_model_plan(model_shape(str(tmp_path), None, None, what="reward", classifier=True), settings, capacity_gib=80.0)
+    activations = next(i.gib for i in plan.items if i.name == "activations") * GIB
+    assert activations == pytest.approx(measured, rel=0.05), (activations, measured)
+
+
+def test_reward_model_job_is_planned_and_a_smaller_batch_is_suggested():
+    """AM's general distillation scores with Skywork-Reward-V2 (8B) at 16 x 16k tokens: it fits an H100
+    alone, not a 40 GB A100 (the suggested batch does), and not beside an in-process vLLM teacher."""
+    cfg = load_recipe(compose_recipe("am_general_distill", ["cluster=example_h100", "run.dir=/tmp/x"]))
+    h100 = next(j for j in plan_recipe(cfg, repo_root(), cfg.stages).jobs if j.job == "reward model")
+    weights = 4096 * 128257 + 32 * (4 * 4096**2 - 2 * 4096 * 3072 + 3 * 4096 * 14336 + 2 * 4096) + 4096 + 4096  # Llama-3.1-8B less its LM head
+    assert h100.fits and h100.items[0].gib == pytest.approx(weights * 2 / GIB, rel=1e-3)
+    small = ["cluster=example_h100", "cluster.gpu_type='A100 40GB'", "run.dir=/tmp/x"]
+    cfg = load_recipe(compose_recipe("am_general_distill", small))
+    a100 = next(j for j in plan_recipe(cfg, repo_root(), cfg.stages).jobs if j.job == "reward model")
+    assert not a100.fits and a100.suggestions
+    cfg = load_recipe(compose_recipe("am_general_distill", [*small, *a100.suggestions[0].overrides]))
+    assert next(j for j in plan_recipe(cfg, repo_root(), cfg.stages).jobs if j.job == "reward model").fits
+    cfg = load_recipe(compose_recipe("am_general_distill", ["cluster=example_h100", "teacher=vllm_tp8", "run.dir=/tmp/x"]))
+    beside = next(j for j in plan_recipe(cfg, repo_root(), cfg.stages).jobs if j.job == "reward model")
+    assert not beside.fits and beside.budget_fraction == pytest.approx(0.0) and "serve the teacher" in " ".join(beside.notes)

@@ -284,6 +284,9 @@ class RewardModelSettings:
     dtype: str = "bfloat16"
     device: Optional[str] = None  # None: cuda when available, else cpu
     extra_engine_args: dict[str, Any] = field(default_factory=dict)  # engine=vllm: passed to vllm.LLM
+    # For the memory plan where its HF config cannot be read (a Hub id with no Hub): HF config fields, or a size.
+    architecture: Optional[dict[str, Any]] = None
+    num_params_b: Optional[float] = None
 
 
 @dataclass

@@ -160,7 +160,8 @@ class RewardModel:
                 input_ids[row, : len(ids[i])] = torch.tensor(ids[i])
                 mask[row, : len(ids[i])] = 1
             with torch.inference_mode():
-                logits = self._model(input_ids=input_ids.to(self.device), attention_mask=mask.to(self.device)).logits
+                # No KV cache: one forward per batch, and the cache would hold every layer's keys and values at once.
+                logits = self._model(input_ids=input_ids.to(self.device), attention_mask=mask.to(self.device), use_cache=False).logits
             for row, i in enumerate(batch):
                 scores[i] = float(logits[row, 0].float())
         return scores

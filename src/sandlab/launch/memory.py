@@ -21,6 +21,11 @@ A vLLM job (teacher server or engine, evaluation, pass-rate student) holds its w
 parallel group and a KV cache of 2 x layers x KV heads (per GPU) x head dim x dtype bytes per token in
 what ``gpu_memory_utilization`` leaves; the plan reports how many sequences of ``max_model_len`` fit.
 
+The score stage's reward model (transformers engine) holds its weights and one forward of its longest
+batch: per token, dtype bytes x (2h + 3I + head dim) + 4h (an MLP's live tensors, RMSNorm's fp32 copy,
+RoPE), no KV cache, plus the boolean mask of a padded batch; an in-process vLLM teacher of the same
+job keeps its share of the GPU.
+
 The budget is ``FIT_FRACTION`` of the GPU's memory (``cluster.gpu_memory_gb``, else the table by
 ``cluster.gpu_type``): the rest covers the CUDA context, NCCL buffers and allocator fragmentation.
 When a job does not fit, the plan lists the cheapest changes that do, each with its estimate.
@@ -92,13 +97,20 @@ class ModelShape:
         return self.kv_heads * self.head_dim
 
 
-def _shape_from_config(config, source: str) -> ModelShape:
+def _shape_from_config(config, source: str, *, classifier: bool = False) -> ModelShape:
+    import copy  # noqa: PLC0415
+
     import torch  # noqa: PLC0415
-    from transformers import AutoModelForCausalLM  # noqa: PLC0415
+    from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification  # noqa: PLC0415
 
     text = config.get_text_config() if hasattr(config, "get_text_config") else config
     with torch.device("meta"):  # the real module tree, no memory
-        model = AutoModelForCausalLM.from_config(config)
+        if classifier:  # a reward model: a one-output score head instead of the LM head
+            config = copy.deepcopy(config)
+            config.num_labels = 1
+            model = AutoModelForSequenceClassification.from_config(config)
+        else:
+            model = AutoModelForCausalLM.from_config(config)
     sizes = [p.numel() for p in model.parameters()]  # shared (tied) parameters once
     heads = text.num_attention_heads
     head_dim = getattr(text, "head_dim", None) or text.hidden_size // heads
@@ -120,21 +132,22 @@ def _generic_shape(num_params_b: float) -> ModelShape:
                       f"num_params_b={num_params_b:g} with a generic shape")
 
 
-def model_shape(path: str, architecture: dict[str, Any] | None, num_params_b: float | None, *, what: str) -> ModelShape:
-    """The shape of ``path``: its HF config when it can be read offline, else ``architecture``, else
-    ``num_params_b`` (warned). Raises ConfigError when none is there."""
-    return _cached_shape(path, json.dumps(architecture, sort_keys=True) if architecture else None, num_params_b, what)
+def model_shape(path: str, architecture: dict[str, Any] | None, num_params_b: float | None, *, what: str, classifier: bool = False) -> ModelShape:
+    """The shape of ``path`` (``classifier``: as a sequence-classification model): its HF config when it
+    can be read offline, else ``architecture``, else ``num_params_b`` (warned). Raises ConfigError when
+    none is there."""
+    return _cached_shape(path, json.dumps(architecture, sort_keys=True) if architecture else None, num_params_b, what, classifier)
 
 
 @functools.lru_cache(maxsize=32)  # building a large MoE on the meta device takes seconds
-def _cached_shape(path: str, architecture_json: str | None, num_params_b: float | None, what: str) -> ModelShape:
+def _cached_shape(path: str, architecture_json: str | None, num_params_b: float | None, what: str, classifier: bool = False) -> ModelShape:
     from sandlab.launch.cost import _model_config  # noqa: PLC0415
 
     architecture = json.loads(architecture_json) if architecture_json else None
 
     config = _model_config(path)
     if config is not None:
-        return _shape_from_config(config, "HF config")
+        return _shape_from_config(config, "HF config", classifier=classifier)
     if architecture:
         from transformers import AutoConfig  # noqa: PLC0415
 
@@ -143,7 +156,7 @@ def _cached_shape(path: str, architecture_json: str | None, num_params_b: float 
             config = AutoConfig.for_model(fields.pop("model_type"), **fields)
         except (KeyError, ValueError) as exc:
             raise ConfigError(f"{what}.architecture needs a model_type transformers knows: {exc}") from None
-        return _shape_from_config(config, f"{what}.architecture")
+        return _shape_from_config(config, f"{what}.architecture", classifier=classifier)
     if num_params_b:
         log.warning("memory plan: the config of %s cannot be read here; estimating from %s.num_params_b=%g with a generic shape",
                     path, what, num_params_b)
@@ -464,6 +477,44 @@ def vllm_suggestions(shape: ModelShape, plan: JobPlan, *, prefix: str, tp: int, 
     return out
 
 
+# ---- reward model ------------------------------------------------------------------------------------
+def reward_activation_bytes_per_token(shape: ModelShape, dtype_bytes: int) -> float:
+    """Peak bytes per token of one inference forward (no gradients, no KV cache), inside a layer's MLP:
+    the residual and normed input, SiLU(gate), up and their product, RMSNorm's fp32 copy and RoPE's
+    cos/sin. Checked against the allocations torch's profiler records (tests/test_memory_plan.py)."""
+    return dtype_bytes * (2 * shape.hidden + 3 * shape.intermediate + shape.head_dim) + 4 * shape.hidden
+
+
+def reward_model_plan(shape: ModelShape, rm, *, capacity_gib: float | None, colocated_share: float = 0.0, job: str = "reward model") -> JobPlan:
+    """The score stage's reward model (transformers engine) on one GPU: weights, and one forward of the
+    longest batch (``batch_size`` pairs cut to ``max_length``). ``colocated_share``: the part of the GPU an
+    in-process vLLM teacher of the same job holds."""
+    b = DTYPE_BYTES.get(rm.dtype, 2)
+    tokens = rm.batch_size * rm.max_length
+    items = [MemoryItem("weights", shape.params * b / GIB, f"{shape.params / 1e9:.2f}B params x {b} bytes"),
+             MemoryItem("activations", tokens * reward_activation_bytes_per_token(shape, b) / GIB,
+                        f"one forward of {rm.batch_size} x {rm.max_length:,} tokens, no KV cache"),
+             # A padded batch under sdpa: transformers' boolean (batch, 1, length, length) mask; CUDA's fused
+             # attention kernels keep no attention scores.
+             MemoryItem("padding mask", rm.batch_size * rm.max_length**2 / GIB, "boolean attention mask of a padded batch")]
+    plan = JobPlan(job, f"{shape.params / 1e9:.2f}B params ({shape.source}), batch {rm.batch_size} x {rm.max_length:,} tokens, {rm.dtype}",
+                   items, capacity_gib, budget_fraction=max(0.0, FIT_FRACTION - colocated_share))
+    if colocated_share:
+        plan.notes.append(f"the job's in-process vLLM teacher holds {colocated_share:.0%} of the GPU while the reward model runs")
+    if not plan.fits and capacity_gib is not None:
+        size = rm.batch_size // 2
+        while size >= 1:
+            smaller = reward_model_plan(shape, replace(rm, batch_size=size), capacity_gib=capacity_gib, colocated_share=colocated_share, job=job)
+            if smaller.fits:
+                plan.suggestions = [Suggestion([f"data.score.reward_model.batch_size={size}"], f"batches of {size}", smaller.total_gib,
+                                               f"{rm.batch_size // size}x more forwards")]
+                break
+            size //= 2
+        if not plan.suggestions and colocated_share:
+            plan.notes.append("no batch size fits beside the in-process teacher: serve the teacher (launcher.serve.enabled=true)")
+    return plan
+
+
 # ---- the recipe's plan ---------------------------------------------------------------------------
 @dataclass
 class MemoryPlan:
@@ -538,6 +589,18 @@ def plan_recipe(cfg: RecipeConfig, root: Path, stages: list[str]) -> MemoryPlan 
         p = cfg.data.passrate.student
         shape = student_shape() if p.model == "tuned" else model_shape(p.model, p.architecture, p.num_params_b, what="data.passrate.student")
         jobs.append(_vllm_job("vllm passrate", shape, p, "data.passrate.student", gpus, capacity, max_model_len=min(p.max_model_len, m.max_model_len)))
+    score = cfg.data.score
+    if "score" in stages and score.scorer == "reward_model" and (score.reward_model.device or "cuda") != "cpu":
+        rm = score.reward_model
+        shape = model_shape(rm.model, rm.architecture, rm.num_params_b, what="data.score.reward_model", classifier=True)
+        if rm.engine == "vllm":
+            args = rm.extra_engine_args
+            jobs.append(vllm_plan("reward model (vLLM)", shape, tp=int(args.get("tensor_parallel_size", 1)), max_model_len=rm.max_length,
+                                  gpu_memory_utilization=float(args.get("gpu_memory_utilization", 0.9)), dtype=rm.dtype, capacity_gib=capacity))
+        else:
+            # An in-process vLLM teacher of an earlier stage stays loaded on the same GPUs (GPU 0 included).
+            teacher_here = t.backend == "vllm" and not serve and any(get_stage(s).needs_teacher(cfg) for s in stages)
+            jobs.append(reward_model_plan(shape, rm, capacity_gib=capacity, colocated_share=t.gpu_memory_utilization if teacher_here else 0.0))
     if "eval" in stages and cfg.eval.backend.backend == "vllm":
         e = cfg.eval.backend
         jobs.append(_vllm_job("vllm eval", student_shape(), e, "eval.backend", gpus, capacity))
