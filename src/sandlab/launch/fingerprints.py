@@ -23,12 +23,13 @@ _TRANSPORT = ("base_urls", "endpoints_file", "endpoints_count", "endpoints_wait_
 UNTRACKED = tuple(f"{backend}.{key}" for backend in ("data.passrate.student", "eval.backend") for key in _TRANSPORT)
 
 
-def stage_config(raw_cfg: DictConfig, cfg: RecipeConfig, stage: str) -> dict[str, Any]:
-    """Flattened config values that ``stage`` and the stages before it depend on."""
+def stage_config(raw_cfg: DictConfig, cfg: RecipeConfig, stage: str, *, alone: bool = False) -> dict[str, Any]:
+    """Flattened config values that ``stage`` and the stages before it depend on (``alone``: the
+    standalone path, where the input is given, so only the stage's own)."""
     plain = redact(OmegaConf.to_container(raw_cfg, resolve=True, enum_to_str=True))  # fingerprints are written configs: no secrets
     enabled = [s for s in cfg.stages if get_stage(s).config_keys(cfg)]
-    upstream = enabled[: enabled.index(stage) + 1] if stage in enabled else [stage]
-    if get_stage(stage).reads_export_only:  # training and eval read the exported dataset, not the data settings
+    upstream = enabled[: enabled.index(stage) + 1] if stage in enabled and not alone else [stage]
+    if get_stage(stage).reads_export_only and not alone:  # training and eval read the exported dataset, not the data settings
         upstream = ["export", stage] if "export" in enabled and not cfg.data.dataset_path else [stage]
     flat: dict[str, Any] = {}
     for key in dict.fromkeys(k for s in upstream for k in get_stage(s).config_keys(cfg)):
@@ -49,7 +50,8 @@ def write_fingerprint(run_path: Path, stage: str, values: dict[str, Any]) -> Non
     write_json(fingerprint_path(run_path, stage), values)
 
 
-def check_fingerprint(run_path: Path, stage: str, now: dict[str, Any], *, done: bool = True, saved: list[Path] | tuple[Path, ...] = ()) -> None:
+def check_fingerprint(run_path: Path, stage: str, now: dict[str, Any], *, done: bool = True, saved: list[Path] | tuple[Path, ...] = (),
+                      elsewhere: str = "a new run.dir") -> None:
     """Refuse to skip a finished stage, or to resume an unfinished one from its ``saved`` results, when
     its settings have changed; an unfinished stage that saved nothing may start over with new ones."""
     path = fingerprint_path(run_path, stage)
@@ -65,9 +67,9 @@ def check_fingerprint(run_path: Path, stage: str, now: dict[str, Any], *, done: 
     if done:
         remove = f"{path.parent}/{stage}.done{f', {shown}' if saved else ''} and the markers of later stages"
         raise ConfigError(f"stage {stage} already ran in {path.parent.parent} with different settings {what}; "
-                          f"use a new run.dir, or remove {remove} to redo them")
+                          f"use {elsewhere}, or remove {remove} to redo them")
     raise ConfigError(f"stage {stage} started in {path.parent.parent} with different settings {what}, and a resume would reuse "
-                      f"what it saved with the old ones; use a new run.dir, or remove {shown} to start it over")
+                      f"what it saved with the old ones; use {elsewhere}, or remove {shown} to start it over")
 
 
 def _flatten(prefix: str, node: Any) -> dict[str, Any]:

@@ -123,6 +123,10 @@ class Pipeline:
             except (ValueError, UnicodeDecodeError) as exc:
                 raise ConfigError(f"input={input_path} is not valid JSONL ({type(exc).__name__}: {str(exc).splitlines()[0]})") from None
         out.mkdir(parents=True, exist_ok=True)
+        # A killed standalone run resumes from its shards in output=: only with the settings that made them.
+        values = fingerprints.stage_config(self.raw_cfg, self.cfg, name, alone=True)
+        fingerprints.check_fingerprint(out, name, values, done=False, saved=stage.saved_results(self.ctx), elsewhere="a new output=")
+        fingerprints.write_fingerprint(out, name, values)
         try:
             kept, dropped, row = data_stages.apply_stage(self.ctx, stage, records)
         finally:
