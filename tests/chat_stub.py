@@ -57,6 +57,12 @@ def completion_body(texts: list[str]) -> dict:
             "usage": {"prompt_tokens": 20, "completion_tokens": 10 * len(texts)}}
 
 
+class _Server(ThreadingHTTPServer):
+    # socketserver listens with a backlog of 5: under a loaded CI machine, a client's 32 concurrent
+    # connections overflow it and some are reset (ReadError), so a test sees failed requests it did not script.
+    request_queue_size = 256
+
+
 def hello(body: dict) -> list[str]:
     return [f"hello {i}" for i in range(body.get("n", 1))]
 
@@ -102,7 +108,7 @@ class ChatStub:
                     status, headers, reply = answer if isinstance(answer, tuple) else (200, {}, completion_body(answer))
                 self._send(status, headers, reply)
 
-        self.server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.server = _Server(("127.0.0.1", 0), Handler)
         self.url = f"http://127.0.0.1:{self.server.server_address[1]}/v1"
         threading.Thread(target=self.server.serve_forever, daemon=True).start()
 
