@@ -239,3 +239,28 @@ def test_reward_model_job_is_planned_and_a_smaller_batch_is_suggested():
     cfg = load_recipe(compose_recipe("am_general_distill", ["cluster=example_h100", "teacher=vllm_tp8", "run.dir=/tmp/x"]))
     beside = next(j for j in plan_recipe(cfg, repo_root(), cfg.stages).jobs if j.job == "reward model")
     assert not beside.fits and beside.budget_fraction == pytest.approx(0.0) and "serve the teacher" in " ".join(beside.notes)
+
+
+def test_the_reward_model_shares_a_gpu_only_with_a_teacher_that_is_loaded_before_it():
+    """The in-process teacher counts against the reward model only when a stage before score that still
+    has to run loads it, and only on the teacher's GPUs (0 .. tp-1)."""
+    from sandlab.launch.preflight import check_memory
+
+    def plan(*overrides, done=()):
+        cfg = load_recipe(compose_recipe("am_general_distill", ["cluster=example_h100", "teacher=vllm_tp8", "run.dir=/tmp/x", *overrides]))
+        run = SimpleNamespace(is_done=lambda stage: stage in done)
+        return check_memory(SimpleNamespace(cfg=cfg, root=repo_root(), run=run), cfg.stages)
+
+    with pytest.raises(ConfigError, match="reward model"):
+        plan()  # solve loads the tp-8 teacher, which stays on every GPU while score runs
+    resumed = plan(done=("generate", "solve", "filter"))  # a rerun after solve: the teacher never loads
+    assert [j.job for j in resumed.jobs] == ["reward model"] and resumed.fits
+
+    def reward_job(device, without=()):  # the teacher at tp 4 does not fit here itself: only the reward model's job is looked at
+        cfg = load_recipe(compose_recipe("am_general_distill", ["cluster=example_h100", "teacher=vllm_tp8", "run.dir=/tmp/x",
+                                                                 "teacher.tensor_parallel_size=4", f"data.score.reward_model.device={device}"]))
+        return next(j for j in plan_recipe(cfg, repo_root(), [s for s in cfg.stages if s not in without]).jobs if j.job == "reward model")
+
+    alone = reward_job("cuda:3", without=("solve",))
+    assert alone.fits and reward_job("cuda:4").fits and reward_job("cuda:4").budget_fraction == pytest.approx(alone.budget_fraction)
+    assert not reward_job("cuda:3").fits and reward_job("cuda:3").budget_fraction < alone.budget_fraction

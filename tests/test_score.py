@@ -195,26 +195,34 @@ def test_judge_seeds_follow_each_records_position_not_the_sharding(tmp_path, jud
 
 def test_a_killed_standalone_stage_resumes_only_with_the_settings_of_its_shards(tmp_path):
     """The standalone path resumes from the shards in output= too: killed after a shard, it refuses to
-    resume with another threshold (the saved shard holds verdicts under the old one), and resumes with
-    the same one to the uninterrupted result."""
+    resume with another threshold (the saved shard holds verdicts under the old one) or another input
+    (its records in another order), and resumes with the same ones to the uninterrupted result."""
     from test_pipeline import kill_after_saved_pieces
 
     slow = ChatStub(judge, delay_s=0.4)
-    data, out = tmp_path / "in.jsonl", tmp_path / "out"
+    data, other, out = tmp_path / "in.jsonl", tmp_path / "other.jsonl", tmp_path / "out"
     data.write_text("".join(json.dumps(r) + "\n" for r in RECORDS))
-    args = ["data_gen/run.py", "--config-name", "tiny", "stage=score", f"input={data}", f"output={out}", f"run.dir={tmp_path / 'run'}",
+    other.write_text("".join(json.dumps(r) + "\n" for r in RECORDS[::-1]))
+    args = ["data_gen/run.py", "--config-name", "tiny", "stage=score", f"output={out}", f"run.dir={tmp_path / 'run'}",
             "teacher=openai_servers", f"teacher.base_urls=[{slow.url}]", "teacher.model=judge", "teacher.max_concurrency=1", "data.shard_size=1"]
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "WANDB_MODE": "disabled"}
+
+    def rerun(*extra):
+        return subprocess.run([sys.executable, *args, *extra], capture_output=True, text=True, cwd=ROOT, env=env, timeout=300)
+
     try:
-        saved = kill_after_saved_pieces([*args, "data.score.threshold=6"], out / "score.shards-1", "*.json", 1)
-        changed = subprocess.run([sys.executable, *args, "data.score.threshold=7"], capture_output=True, text=True, cwd=ROOT, env=env, timeout=300)
-        same = subprocess.run([sys.executable, *args, "data.score.threshold=6"], capture_output=True, text=True, cwd=ROOT, env=env, timeout=300)
+        saved = kill_after_saved_pieces([*args, f"input={data}", "data.score.threshold=6"], out / "score.shards-1", "*.json", 1)
+        changed = rerun(f"input={data}", "data.score.threshold=7")
+        elsewhere = rerun(f"input={other}", "data.score.threshold=6")
+        same = rerun(f"input={data}", "data.score.threshold=6")
     finally:
         slow.close()
     assert 1 <= saved < 5
     last = changed.stderr.strip().splitlines()[-1]
     assert changed.returncode == 2 and last.startswith(f"error: stage score started in {out} with different settings (data.score.threshold: 6")
     assert "a new output=" in last and str(out / "score.shards-1") in last
+    last = elsewhere.stderr.strip().splitlines()[-1]
+    assert elsewhere.returncode == 2 and last.startswith(f"error: stage score started in {out} with different settings (input.sha256: '")
     assert same.returncode == 0, same.stderr[-2000:]
     assert sorted(r["id"] for r in read(out / "kept.jsonl")) == ["a", "c"]  # as test_judge_best_of_n_threshold_and_failures, uninterrupted
 

@@ -24,7 +24,7 @@ TRACKED_PACKAGES = (
     "faiss-cpu", "lm-eval",
 )
 # Keys whose values must never be written anywhere (configs hold env var *names*, not secrets).
-SECRET_KEY_RE = re.compile(r"(api_?key|token|secret|password|access_?key|secret_?key|credentials?)$", re.IGNORECASE)
+SECRET_KEY_RE = re.compile(r"(api_?key|token|secret|password|access_?key|secret_?key|credentials?|authorization|cookie)$", re.IGNORECASE)
 
 
 SLURM_VARS = {"job_id": "SLURM_JOB_ID", "array_job_id": "SLURM_ARRAY_JOB_ID", "array_task_id": "SLURM_ARRAY_TASK_ID",

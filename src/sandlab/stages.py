@@ -103,7 +103,7 @@ class Stage:
             paths = [*ctx.data_dir.glob(f"{self.name}.shards-*"), *ctx.data_dir.glob(f"{self.name}.rounds")]
         else:
             paths = []
-        return sorted(p for p in paths if p.exists())
+        return sorted(p for p in paths if holds_results(p))
 
     @property
     def job(self) -> str:
@@ -111,6 +111,15 @@ class Stage:
         if self.kind is Kind.DATA:
             return "data"
         return self.name if self.kind is Kind.TRAIN else "eval"
+
+
+def holds_results(path: Path) -> bool:
+    """A saved file, or a directory with one in it (a kill can leave one empty or with a half-written
+    hidden temporary file, which a resume does not reuse)."""
+    if path.is_file():
+        return not path.name.startswith(".")
+    return path.is_dir() and any(not p.name.startswith(".") and p.is_file() for p in path.rglob("*")
+                                 if not any(part.startswith(".") for part in p.relative_to(path).parts))
 
 
 @cache

@@ -9,7 +9,7 @@ from typing import Any
 
 from sandlab.errors import EmptyDatasetError
 from sandlab.records import write_json
-from sandlab.stages import Kind, Stage, StageContext, always
+from sandlab.stages import Kind, Stage, StageContext, always, holds_results
 
 
 def model_for(ctx: StageContext, target: str) -> str:
@@ -54,7 +54,7 @@ def preflight(ctx: StageContext) -> None:
 
 def saved(ctx: StageContext) -> list[Path]:
     """Each model's benchmark directories with saved samples (finished, or chunks of an unfinished one)."""
-    return sorted({p.parent for p in (ctx.run.path / "eval").glob("*/*/samples*")})
+    return sorted({p.parent for p in (ctx.run.path / "eval").glob("*/*/samples*") if holds_results(p)})
 
 
 STAGE = Stage("eval", Kind.EVAL, run, preflight=preflight, needs_student=True, needs_gpu=always, reads_export_only=True, config=("eval",),

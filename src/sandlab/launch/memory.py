@@ -598,8 +598,12 @@ def plan_recipe(cfg: RecipeConfig, root: Path, stages: list[str]) -> MemoryPlan 
             jobs.append(vllm_plan("reward model (vLLM)", shape, tp=int(args.get("tensor_parallel_size", 1)), max_model_len=rm.max_length,
                                   gpu_memory_utilization=float(args.get("gpu_memory_utilization", 0.9)), dtype=rm.dtype, capacity_gib=capacity))
         else:
-            # An in-process vLLM teacher of an earlier stage stays loaded on the same GPUs (GPU 0 included).
-            teacher_here = t.backend == "vllm" and not serve and any(get_stage(s).needs_teacher(cfg) for s in stages)
+            # An in-process vLLM teacher of an earlier stage stays loaded on its GPUs (0 .. tp-1) while score runs.
+            earlier = stages[: stages.index("score")]
+            device = rm.device or "cuda"
+            index = device.partition(":")[2]
+            on_teacher_gpu = int(index) < t.tensor_parallel_size if index.isdigit() else True
+            teacher_here = t.backend == "vllm" and not serve and on_teacher_gpu and any(get_stage(s).needs_teacher(cfg) for s in earlier)
             jobs.append(reward_model_plan(shape, rm, capacity_gib=capacity, colocated_share=t.gpu_memory_utilization if teacher_here else 0.0))
     if "eval" in stages and cfg.eval.backend.backend == "vllm":
         e = cfg.eval.backend

@@ -102,7 +102,8 @@ class Pipeline:
 
     def run_single_stage(self, name: str, input_path: str | None, output_dir: str | None) -> dict[str, Any]:
         """Apply one data stage to a JSONL file of records (``id``, ``problem``, ...): for users who
-        want one filter on a dataset they already have. Writes kept.jsonl, dropped.jsonl, summary.json."""
+        want one filter on a dataset they already have. Writes kept.jsonl, dropped.jsonl, summary.json, and
+        stages/<stage>.config.json (the settings and the input's digest a killed run may resume with)."""
         if not is_data_stage(name):
             raise ConfigError(f"stage={name!r} cannot run alone; choose from {[s for s in stage_names(Kind.DATA)]}")
         stage = get_stage(name)
@@ -123,8 +124,8 @@ class Pipeline:
             except (ValueError, UnicodeDecodeError) as exc:
                 raise ConfigError(f"input={input_path} is not valid JSONL ({type(exc).__name__}: {str(exc).splitlines()[0]})") from None
         out.mkdir(parents=True, exist_ok=True)
-        # A killed standalone run resumes from its shards in output=: only with the settings that made them.
-        values = fingerprints.stage_config(self.raw_cfg, self.cfg, name, alone=True)
+        # A killed standalone run resumes from its shards in output=: only with the settings and the input that made them.
+        values = {**fingerprints.stage_config(self.raw_cfg, self.cfg, name, alone=True), "input.sha256": fingerprints.records_digest(records)}
         fingerprints.check_fingerprint(out, name, values, done=False, saved=stage.saved_results(self.ctx), elsewhere="a new output=")
         fingerprints.write_fingerprint(out, name, values)
         try:

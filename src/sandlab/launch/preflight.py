@@ -19,7 +19,8 @@ def check_memory(ctx: StageContext, selected: list[str]):
     that does not fit stops here, before any weights load."""
     from sandlab.launch.memory import misfit_message, plan_recipe  # noqa: PLC0415
 
-    plan = plan_recipe(ctx.cfg, ctx.root, selected)
+    pending = [s for s in selected if not ctx.run.is_done(s)]  # a finished stage loads nothing on a rerun
+    plan = plan_recipe(ctx.cfg, ctx.root, pending)
     if plan is not None and not plan.fits:
         raise ConfigError(misfit_message(plan))
     return plan
