@@ -118,8 +118,7 @@ def holds_results(path: Path) -> bool:
     hidden temporary file, which a resume does not reuse)."""
     if path.is_file():
         return not path.name.startswith(".")
-    return path.is_dir() and any(not p.name.startswith(".") and p.is_file() for p in path.rglob("*")
-                                 if not any(part.startswith(".") for part in p.relative_to(path).parts))
+    return path.is_dir() and any(p.is_file() and not any(part.startswith(".") for part in p.relative_to(path).parts) for p in path.rglob("*"))
 
 
 @cache

@@ -76,10 +76,10 @@ def write_fingerprint(run_path: Path, stage: str, values: dict[str, Any]) -> Non
 
 
 def changed_keys(before: dict[str, Any], now: dict[str, Any]) -> list[str]:
-    """Keys whose values differ. A key on one side only is a setting that sandlab added or removed
-    since ``before`` was written (not compared: its default is taken to keep the old behaviour), unless
-    the other side has it as a section or inside one (``x: null`` vs ``x.y: 1`` is a change)."""
-    before, now = comparable(before), comparable(now)
+    """Keys whose values differ (both sides ``comparable``). A key on one side only is a setting that
+    sandlab added or removed since ``before`` was written (not compared: its default is taken to keep
+    the old behaviour), unless the other side has it as a section or inside one (``x: null`` vs
+    ``x.y: 1`` is a change)."""
 
     def nested(key: str, other: dict[str, Any]) -> bool:
         parts = key.split(".")
@@ -112,11 +112,11 @@ def check_fingerprint(run_path: Path, stage: str, now: dict[str, Any], *, done: 
     except (ValueError, UnicodeDecodeError) as exc:
         raise ConfigError(f"{path} is not a stage fingerprint ({type(exc).__name__}: {str(exc).splitlines()[0]}); "
                           f"remove it to accept this run's settings for stage {stage}") from None
+    before, now = comparable(before), comparable(now)  # an older sandlab's file may hold more keys, and unmasked secrets
     changed = changed_keys(before, now)
     if not changed or not (done or saved):
         return
     k = changed[0]
-    before, now = comparable(before), comparable(now)
     what = f"({k}: {before.get(k)!r} -> {now.get(k)!r}{f' and {len(changed) - 1} more' if len(changed) > 1 else ''})"
     shown = ", ".join(str(p) for p in saved[:3]) + (f" and {len(saved) - 3} more" if len(saved) > 3 else "")
     if done:
