@@ -48,7 +48,7 @@ def test_dedup_uses_the_stage_model(static_path, monkeypatch):
     kept, dropped = dedup_mod.dedup(records, cfg)
     assert [r["id"] for r in kept] == ["a", "b"]
     assert [(d["id"], d["reason"], d["duplicate_of"]) for d in dropped] == [("c", "near_duplicate", "a")]
-    assert seen == [{"model": STATIC, "batch_size": 7, "device": "cpu"}]
+    assert seen == [{"model": STATIC, "batch_size": 7, "device": "cpu", "store": None}]
 
 
 def test_device_resolution(monkeypatch):

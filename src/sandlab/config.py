@@ -507,6 +507,9 @@ class DataConfig:
     split: str = "train"
     # Records per saved shard in per-record stages: a killed run resumes at the first unfinished shard.
     shard_size: int = 256
+    # Keep what dedup, decontam, novelty and diversity embed in data/embeddings (float32, 1.5 GB per
+    # million problems with MiniLM): each problem is embedded once per model, across stages and resumes.
+    embedding_store: bool = True
     partition: PartitionSettings = field(default_factory=PartitionSettings)
     generate: GenerationStage = field(default_factory=GenerationStage)
     solve: SolveStage = field(default_factory=SolveStage)

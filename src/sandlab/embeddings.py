@@ -4,14 +4,18 @@ Two kinds of model, chosen per stage by its ``embedding_model``: sentence-transf
 (``embedded://all-minilm-l6-v2``, the default where quality matters; on ``device`` cpu/cuda) and
 model2vec static models (``embedded://minilm-l6-static``, distilled from MiniLM: a token-embedding
 lookup plus mean, ~100x faster on CPU, used for very large sets; thresholds differ, see DedupStage).
+A run keeps what its stages embedded in an EmbeddingStore (data/embeddings), so each problem is
+embedded once per model across dedup, decontamination, novelty, diversity and resumes.
 """
 
 from __future__ import annotations
 
 import hashlib
 import json
+import logging
 import os
 import re
+import time
 import unicodedata
 from array import array
 from functools import lru_cache
@@ -23,6 +27,8 @@ from sandlab.config import EMBEDDING_DEVICES
 from sandlab.errors import ConfigError
 from sandlab.models import cache_dir, resolve_model_path
 from sandlab.text import SpanHasher, chunks_by_bytes
+
+log = logging.getLogger(__name__)
 
 
 def resolve_device(device: str = "auto") -> str:
@@ -68,14 +74,18 @@ def _load_static(path: str):
 
 def embed(
     texts: list[str], *, model: str = "embedded://all-minilm-l6-v2", batch_size: int = 64, progress: bool = True,
-    cache: bool = False, device: str = "auto",
+    cache: bool = False, device: str = "auto", store: Path | None = None,
 ) -> np.ndarray:
     """L2-normalized float32 embeddings, so inner product = cosine similarity.
 
     Dispatches on the model: model2vec static models run on CPU (numpy), sentence-transformers models
     on ``device`` (auto: cuda when torch sees one). ``cache=True`` keeps the result on disk keyed by
     model and texts: for fixed sets embedded on every run (the test benchmarks in decontamination).
+    ``store``: an EmbeddingStore directory; only texts it does not hold yet are embedded (and added).
     """
+    if store is not None:
+        return EmbeddingStore(store).embed(
+            texts, model, lambda missing: embed(missing, model=model, batch_size=batch_size, progress=progress, device=device))
     path = resolve_model_path(model, what="embedding_model")
     if cache:
         digest = hashlib.sha1("\x1e".join([path, *texts]).encode()).hexdigest()
@@ -96,6 +106,72 @@ def embed(
         convert_to_numpy=True, normalize_embeddings=True,
     )
     return np.asarray(vectors, dtype=np.float32)
+
+
+class EmbeddingStore:
+    """Embeddings already computed in a run, by model and text: ``<directory>/<model>/part-*.npy``.
+
+    A part is the new texts of one ``embed`` call: their 16-byte blake2b digests (``.keys.npy``, written
+    last, so a part without one was cut short by a kill and is ignored) and float32 vectors
+    (``.vectors.npy``, memory-mapped when read). Parts are never rewritten, so writers do not collide.
+    """
+
+    def __init__(self, directory: Path):
+        self.directory = Path(directory)
+
+    def folder(self, model: str) -> Path:
+        # By the model as the recipe names it, so a resume on a node where it lives elsewhere finds it.
+        slug = re.sub(r"[^A-Za-z0-9.]+", "-", model).strip("-")[-48:]
+        return self.directory / f"{slug}-{hashlib.sha1(model.encode()).hexdigest()[:8]}"
+
+    @staticmethod
+    def digests(texts: list[str]) -> list[bytes]:
+        return [hashlib.blake2b(t.encode("utf-8", "surrogatepass"), digest_size=16).digest() for t in texts]
+
+    def lookup(self, model: str, wanted: set[bytes]) -> dict[bytes, np.ndarray]:
+        """The stored vector of each wanted digest that has one."""
+        found: dict[bytes, np.ndarray] = {}
+        for keys_file in sorted(self.folder(model).glob("part-*.keys.npy")):
+            vectors_file = keys_file.with_name(keys_file.name.removesuffix(".keys.npy") + ".vectors.npy")
+            try:
+                raw = np.load(keys_file).tobytes()
+                vectors = np.load(vectors_file, mmap_mode="r")
+            except (OSError, ValueError) as exc:  # a damaged part is embedded again, not fatal
+                log.warning("embedding store: ignoring %s (%s)", keys_file, exc)
+                continue
+            rows = [row for row in range(len(raw) // 16) if raw[16 * row : 16 * row + 16] in wanted]
+            if rows:
+                block = np.asarray(vectors[rows], dtype=np.float32)
+                for at, row in enumerate(rows):
+                    found.setdefault(raw[16 * row : 16 * row + 16], block[at])
+        return found
+
+    def add(self, model: str, digests: list[bytes], vectors: np.ndarray) -> None:
+        folder = self.folder(model)
+        folder.mkdir(parents=True, exist_ok=True)
+        name = f"part-{time.time_ns()}-{os.getpid()}"
+        for suffix, array_ in ((".vectors.npy", np.ascontiguousarray(vectors, dtype=np.float32)),
+                               (".keys.npy", np.frombuffer(b"".join(digests), dtype=np.uint8).reshape(-1, 16))):
+            tmp = folder / f".{name}{suffix}"
+            with open(tmp, "wb") as fh:
+                np.save(fh, array_)
+            os.replace(tmp, folder / f"{name}{suffix}")
+
+    def embed(self, texts: list[str], model: str, compute) -> np.ndarray:
+        """``texts``' vectors: stored ones, and ``compute(new texts)`` (added to the store) for the rest."""
+        if not texts:
+            return compute([])
+        digests = self.digests(texts)
+        found = self.lookup(model, set(digests))
+        stored = sum(d in found for d in digests)
+        new = list(dict.fromkeys(d for d in digests if d not in found))  # each new text embedded once
+        if new:
+            first = {d: i for i, d in reversed(list(enumerate(digests)))}
+            fresh = compute([texts[first[d]] for d in new])
+            self.add(model, new, fresh)
+            found.update(zip(new, fresh))
+        log.info("embeddings (%s): %d of %d texts from %s, %d embedded", model, stored, len(texts), self.directory, len(new))
+        return np.stack([found[d] for d in digests]).astype(np.float32, copy=False)
 
 
 # BERT-style pre-tokenization of ASCII text (lower case, words of letters and digits, every other

@@ -259,6 +259,11 @@ class StageContext:
             self._pool = None
 
     # ---- where things live in a run ----------------------------------------------------------
+    @property
+    def embedding_store(self) -> Path | None:
+        """The run's EmbeddingStore directory (data/embeddings), or None with data.embedding_store=false."""
+        return self.data_dir / "embeddings" if self.cfg.data.embedding_store else None
+
     def path(self, value: str | None) -> str | None:
         """Recipe paths are relative to the repository root."""
         if not value:

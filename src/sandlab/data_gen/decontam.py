@@ -156,11 +156,13 @@ def _judge(backend: ChatBackend, pairs: list[tuple[str, str]]) -> list[bool]:
 
 
 def decontaminate(
-    records: list[Record], cfg: DecontamStage, *, judge: ChatBackend | None = None, field: str = "problem", vectors: np.ndarray | None = None
+    records: list[Record], cfg: DecontamStage, *, judge: ChatBackend | None = None, field: str = "problem", vectors: np.ndarray | None = None,
+    store: Path | None = None,
 ) -> tuple[list[Record], list[Record], dict[str, Any]]:
     """Split records into (clean, contaminated-with-evidence) and a per-benchmark report.
 
-    ``vectors``: precomputed normalized embeddings of the records (same model as the test index).
+    ``vectors``: precomputed normalized embeddings of the records (same model as the test index);
+    ``store``: an EmbeddingStore directory to take them from and add them to.
     """
     from tqdm.auto import tqdm  # noqa: PLC0415
 
@@ -183,7 +185,8 @@ def decontaminate(
     candidates: list[tuple[int, int, float]] = []
     if unresolved:
         if vectors is None:
-            queries = embed([records[r][field] for r in unresolved], model=cfg.embedding_model, batch_size=cfg.batch_size, device=cfg.embedding_device)
+            queries = embed([records[r][field] for r in unresolved], model=cfg.embedding_model, batch_size=cfg.batch_size, device=cfg.embedding_device,
+                            store=store)
         else:
             queries = vectors[unresolved]
         scores, ids = index.index.search(np.ascontiguousarray(queries, dtype=np.float32), min(cfg.embedding_top_k, len(items)))
@@ -219,7 +222,7 @@ def decontaminate(
 
 def run(ctx: StageContext, records: list[Record], offset: int) -> tuple[list[Record], list[Record]]:
     judge = ctx.teacher if ctx.cfg.data.decontam.llm_judge else None
-    kept, dropped, report = decontaminate(records, ctx.cfg.data.decontam, judge=judge)
+    kept, dropped, report = decontaminate(records, ctx.cfg.data.decontam, judge=judge, store=ctx.embedding_store)
     write_json(ctx.data_dir / "decontamination_report.json", report)
     return kept, dropped
 

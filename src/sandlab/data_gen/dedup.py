@@ -8,6 +8,8 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import numpy as np
 
 from sandlab.config import DedupStage
@@ -121,8 +123,10 @@ def embedding_duplicates(vectors: np.ndarray, *, threshold: float, k: int, ivf_m
     return duplicates
 
 
-def dedup(records: list[Record], cfg: DedupStage, *, field: str = "problem", vectors: np.ndarray | None = None) -> tuple[list[Record], list[Record]]:
-    """Keep the first of each group of (near-)duplicates. ``vectors``: precomputed normalized embeddings."""
+def dedup(records: list[Record], cfg: DedupStage, *, field: str = "problem", vectors: np.ndarray | None = None,
+          store: Path | None = None) -> tuple[list[Record], list[Record]]:
+    """Keep the first of each group of (near-)duplicates. ``vectors``: precomputed normalized embeddings;
+    ``store``: an EmbeddingStore directory to take them from and add them to."""
     dropped: dict[int, Record] = {}
     seen: dict[str, int] = {}
     normalized = [normalize_text(rec[field]) for rec in records]  # once, for the exact keys and the shingles
@@ -141,7 +145,8 @@ def dedup(records: list[Record], cfg: DedupStage, *, field: str = "problem", vec
         live = [i for i in live if i not in dropped]
     if live:
         if vectors is None:
-            live_vectors = embed([records[i][field] for i in live], model=cfg.embedding_model, batch_size=cfg.batch_size, device=cfg.embedding_device)
+            live_vectors = embed([records[i][field] for i in live], model=cfg.embedding_model, batch_size=cfg.batch_size, device=cfg.embedding_device,
+                                 store=store)
         else:
             live_vectors = vectors[live]
         found = embedding_duplicates(live_vectors, threshold=cfg.threshold, k=cfg.neighbours, ivf_min_records=cfg.ivf_min_records, nprobe=cfg.nprobe)
@@ -153,7 +158,7 @@ def dedup(records: list[Record], cfg: DedupStage, *, field: str = "problem", vec
 
 
 def run(ctx: StageContext, records: list[Record], offset: int) -> tuple[list[Record], list[Record]]:
-    return dedup(records, ctx.cfg.data.dedup)
+    return dedup(records, ctx.cfg.data.dedup, store=ctx.embedding_store)
 
 
 STAGE = Stage("dedup", Kind.DATA, run, config=("data.dedup",), input_fields=("id", "problem"),

@@ -266,7 +266,8 @@ def run(ctx: StageContext, records: list[Record], offset: int) -> tuple[list[Rec
     from_taxonomy = not generate.source and any(record_leaf(r) for r in records)
     leaves = taxonomy_leaves(Taxonomy.load(ctx.root / generate.taxonomy)) if from_taxonomy else None
     kept, dropped = cap_per_leaf(records, cfg.max_per_leaf) if cfg.max_per_leaf else (list(records), [])
-    vectors = embed([r["problem"] for r in kept], model=cfg.embedding_model, batch_size=cfg.batch_size, device=cfg.embedding_device) if kept else None
+    vectors = embed([r["problem"] for r in kept], model=cfg.embedding_model, batch_size=cfg.batch_size, device=cfg.embedding_device,
+                    store=ctx.embedding_store) if kept else None
     report = diversity_report(kept, leaves=leaves, vectors=vectors, near_duplicate_threshold=cfg.near_duplicate_threshold, ns=cfg.distinct_n)
     report["capped"] = len(dropped)
     write_json(ctx.data_dir / "diversity.json", report)

@@ -14,8 +14,10 @@ from sandlab.records import Record
 from sandlab.stages import Kind, Stage, StageContext
 
 
-def filter_novelty(records: list[Record], cfg: NoveltyStage, *, corpus_vectors: np.ndarray | None = None, vectors: np.ndarray | None = None) -> tuple[list[Record], list[Record]]:
-    """``corpus_vectors``/``vectors``: precomputed normalized embeddings (benchmarks, huge corpora)."""
+def filter_novelty(records: list[Record], cfg: NoveltyStage, *, corpus_vectors: np.ndarray | None = None, vectors: np.ndarray | None = None,
+                   store: Path | None = None) -> tuple[list[Record], list[Record]]:
+    """``corpus_vectors``/``vectors``: precomputed normalized embeddings (benchmarks, huge corpora);
+    ``store``: an EmbeddingStore directory for the records' embeddings."""
     corpus: list[str] = []
     for path in cfg.corpora:
         if not Path(path).is_file():
@@ -26,7 +28,8 @@ def filter_novelty(records: list[Record], cfg: NoveltyStage, *, corpus_vectors: 
     if corpus_vectors is None:
         corpus_vectors = embed(corpus, model=cfg.embedding_model, batch_size=cfg.batch_size, device=cfg.embedding_device, cache=True)
     index = inner_product_index(corpus_vectors, ivf_min_records=cfg.ivf_min_records, nprobe=cfg.nprobe)
-    queries = vectors if vectors is not None else embed([r["problem"] for r in records], model=cfg.embedding_model, batch_size=cfg.batch_size, device=cfg.embedding_device)
+    queries = vectors if vectors is not None else embed([r["problem"] for r in records], model=cfg.embedding_model, batch_size=cfg.batch_size,
+                                                      device=cfg.embedding_device, store=store)
     scores, ids = index.search(np.ascontiguousarray(queries, dtype=np.float32), 1)
     kept, dropped = [], []
     for rec, score, idx in zip(records, scores[:, 0], ids[:, 0]):
@@ -38,7 +41,7 @@ def filter_novelty(records: list[Record], cfg: NoveltyStage, *, corpus_vectors: 
 
 
 def run(ctx: StageContext, records: list[Record], offset: int) -> tuple[list[Record], list[Record]]:
-    return filter_novelty(records, ctx.cfg.data.novelty)
+    return filter_novelty(records, ctx.cfg.data.novelty, store=ctx.embedding_store)
 
 
 STAGE = Stage("novelty", Kind.DATA, run, config=("data.novelty",), input_fields=("id", "problem"),
