@@ -4,11 +4,13 @@ across dedup, decontamination, novelty, diversity and resumes; what it returns i
 from __future__ import annotations
 
 import logging
+import shutil
 
 import numpy as np
 import pytest
 
 from sandlab import embeddings, models
+from sandlab.errors import ConfigError
 from sandlab.launch.cli import compose_recipe
 from sandlab.launch.data_stages import apply_stage
 from sandlab.runs import RunDir
@@ -69,30 +71,57 @@ def test_only_texts_the_store_lacks_are_embedded_and_the_vectors_are_the_models(
     assert encoded == []
 
 
-def test_models_are_kept_apart(tmp_path, encoded):
-    store = embeddings.EmbeddingStore(tmp_path)
+def test_models_are_kept_apart_and_a_rebuilt_model_is_another_model(tmp_path, encoded, static_model):
+    store = embeddings.EmbeddingStore(tmp_path / "store")
     seen = []
     store.embed(PROBLEMS[:2], STATIC, lambda texts: embeddings.embed(texts, model=STATIC))
-    other = store.embed(PROBLEMS[:2], "another-model", lambda texts: seen.append(texts) or np.eye(2, 3, dtype=np.float32))
+    minilm = "embedded://all-minilm-l6-v2"  # its files, not its vectors: compute is a stand-in
+    other = store.embed(PROBLEMS[:2], minilm, lambda texts: seen.append(texts) or np.eye(2, 3, dtype=np.float32))
     assert seen == [PROBLEMS[:2]]  # nothing of the first model's reused for the second
     np.testing.assert_array_equal(other, np.eye(2, 3))
-    assert len({p.parent for p in tmp_path.rglob("part-*.keys.npy")}) == 2
+    assert len({p.parent for p in (tmp_path / "store").rglob("part-*.keys.npy")}) == 2
+    # The same name over other weights (a rebuilt model, an updated checkpoint): embedded again.
+    local = tmp_path / "model"
+    shutil.copytree(static_model, local)
+    store.embed(PROBLEMS[:2], str(local), lambda texts: embeddings.embed(texts, model=str(local)))
+    encoded.clear()
+    store.embed(PROBLEMS[:2], str(local), lambda texts: embeddings.embed(texts, model=str(local)))
+    assert encoded == []
+    weights = max((f for f in local.rglob("*") if f.is_file()), key=lambda f: f.stat().st_size)
+    data = bytearray(weights.read_bytes())
+    data[-1] ^= 1
+    weights.write_bytes(bytes(data))
+    embeddings.model_identity.cache_clear()  # as a new process would see it
+    embeddings._load_static.cache_clear()
+    store.embed(PROBLEMS[:2], str(local), lambda texts: embeddings.embed(texts, model=str(local)))
+    assert encoded == [PROBLEMS[:2]]
 
 
 def test_a_part_cut_short_or_damaged_is_embedded_again(tmp_path, encoded, caplog):
     store = tmp_path / "embeddings"
-    embeddings.embed(PROBLEMS[:2], model=STATIC, store=store)
-    embeddings.embed(PROBLEMS[2:4], model=STATIC, store=store)
+    for at in range(5):
+        embeddings.embed(PROBLEMS[at : at + 1], model=STATIC, store=store)
     keys = sorted(store.rglob("part-*.keys.npy"))
-    assert len(keys) == 2
+    assert len(keys) == 5
+    vectors_of = lambda k: k.with_name(k.name.replace(".keys.npy", ".vectors.npy"))  # noqa: E731
     keys[0].unlink()  # killed between writing the vectors and the keys: the part does not count
-    keys[1].write_bytes(b"not a numpy file")
+    keys[1].write_bytes(b"")  # a crash left the name with nothing behind it
+    keys[2].write_bytes(b"not a numpy file")
+    np.save(vectors_of(keys[3]), np.zeros((2, 7), dtype=np.float32))  # rows that are not the keys'
     encoded.clear()
     with caplog.at_level(logging.WARNING, logger="sandlab.embeddings"):
-        vectors = embeddings.embed(PROBLEMS[:4], model=STATIC, store=store)
-    assert encoded == [PROBLEMS[:4]]
-    assert any("ignoring" in r.message and keys[1].name in r.message for r in caplog.records)
-    np.testing.assert_allclose(vectors, reference(PROBLEMS[:4]), atol=1e-6)
+        vectors = embeddings.embed(PROBLEMS, model=STATIC, store=store)
+    assert encoded == [PROBLEMS[:4]]  # only the last part is whole
+    warned = " ".join(r.message for r in caplog.records if "ignoring" in r.message)
+    assert all(k.name in warned for k in keys[1:4]) and "1 keys for 2 vectors" in warned
+    np.testing.assert_allclose(vectors, reference(PROBLEMS), atol=1e-6)
+
+
+def test_vectors_of_another_width_under_the_same_model_stop_with_one_line(tmp_path, encoded):
+    store = embeddings.EmbeddingStore(tmp_path)
+    store.add(STATIC, store.digests(PROBLEMS[:1]), np.ones((1, 3), dtype=np.float32))
+    with pytest.raises(ConfigError, match="holds 3-d vectors but .* gives 256-d ones; delete that folder"):
+        store.embed(PROBLEMS[:2], STATIC, lambda texts: embeddings.embed(texts, model=STATIC))
 
 
 def test_diversity_after_dedup_embeds_nothing_again(tmp_path, encoded):

@@ -108,43 +108,65 @@ def embed(
     return np.asarray(vectors, dtype=np.float32)
 
 
+@lru_cache(maxsize=8)
+def model_identity(model: str) -> str:
+    """What the model's files are (each file's name, size and first and last MiB), so rebuilt or updated
+    weights under the same name are a new model; a Hub id that is not a local directory is its name."""
+    path = Path(resolve_model_path(model, what="embedding_model"))
+    digest = hashlib.sha1(model.encode())
+    if path.is_dir():
+        for file in sorted(f for f in path.rglob("*") if f.is_file() and not any(part.startswith(".") for part in f.relative_to(path).parts)):
+            size = file.stat().st_size
+            digest.update(f"{file.relative_to(path)}\0{size}\0".encode())
+            with open(file, "rb") as fh:
+                digest.update(fh.read(1 << 20))
+                if size > 2 << 20:
+                    fh.seek(-(1 << 20), os.SEEK_END)
+                    digest.update(fh.read())
+    return digest.hexdigest()[:12]
+
+
 class EmbeddingStore:
-    """Embeddings already computed in a run, by model and text: ``<directory>/<model>/part-*.npy``.
+    """Embeddings already computed in a run, by model and text: ``<directory>/<model>-<identity>/part-*``.
 
     A part is the new texts of one ``embed`` call: their 16-byte blake2b digests (``.keys.npy``, written
-    last, so a part without one was cut short by a kill and is ignored) and float32 vectors
-    (``.vectors.npy``, memory-mapped when read). Parts are never rewritten, so writers do not collide.
+    last, so a part without one was cut short and is ignored) and float32 vectors (``.vectors.npy``,
+    memory-mapped when read), each file synced before it gets its name. Parts are never rewritten, so
+    writers do not collide. A part that does not read back whole is skipped with a warning.
     """
 
     def __init__(self, directory: Path):
         self.directory = Path(directory)
 
     def folder(self, model: str) -> Path:
-        # By the model as the recipe names it, so a resume on a node where it lives elsewhere finds it.
+        # By the model as the recipe names it plus what its files are: a resume on a node where it lives
+        # elsewhere finds it, a rebuilt model does not.
         slug = re.sub(r"[^A-Za-z0-9.]+", "-", model).strip("-")[-48:]
-        return self.directory / f"{slug}-{hashlib.sha1(model.encode()).hexdigest()[:8]}"
+        return self.directory / f"{slug}-{model_identity(model)}"
 
     @staticmethod
     def digests(texts: list[str]) -> list[bytes]:
         return [hashlib.blake2b(t.encode("utf-8", "surrogatepass"), digest_size=16).digest() for t in texts]
 
-    def lookup(self, model: str, wanted: set[bytes]) -> dict[bytes, np.ndarray]:
-        """The stored vector of each wanted digest that has one."""
-        found: dict[bytes, np.ndarray] = {}
+    def parts(self, model: str):
+        """(keys as bytes, memory-mapped vectors) of each whole part, oldest first."""
+        width = None
         for keys_file in sorted(self.folder(model).glob("part-*.keys.npy")):
             vectors_file = keys_file.with_name(keys_file.name.removesuffix(".keys.npy") + ".vectors.npy")
             try:
-                raw = np.load(keys_file).tobytes()
+                keys = np.load(keys_file)
                 vectors = np.load(vectors_file, mmap_mode="r")
-            except (OSError, ValueError) as exc:  # a damaged part is embedded again, not fatal
-                log.warning("embedding store: ignoring %s (%s)", keys_file, exc)
+                problem = ("keys are not (n, 16) bytes" if keys.dtype != np.uint8 or keys.ndim != 2 or keys.shape[1] != 16 else
+                           "vectors are not (n, d) float32" if vectors.dtype != np.float32 or vectors.ndim != 2 else
+                           f"{len(keys)} keys for {len(vectors)} vectors" if len(keys) != len(vectors) else
+                           f"{vectors.shape[1]}-d vectors after {width}-d ones" if width not in (None, vectors.shape[1]) else None)
+            except Exception as exc:  # noqa: BLE001 - any unreadable part is a cache miss, embedded again
+                problem = f"{type(exc).__name__}: {exc}"
+            if problem:
+                log.warning("embedding store: ignoring %s (%s)", keys_file, problem)
                 continue
-            rows = [row for row in range(len(raw) // 16) if raw[16 * row : 16 * row + 16] in wanted]
-            if rows:
-                block = np.asarray(vectors[rows], dtype=np.float32)
-                for at, row in enumerate(rows):
-                    found.setdefault(raw[16 * row : 16 * row + 16], block[at])
-        return found
+            width = vectors.shape[1]
+            yield keys.tobytes(), vectors
 
     def add(self, model: str, digests: list[bytes], vectors: np.ndarray) -> None:
         folder = self.folder(model)
@@ -155,6 +177,8 @@ class EmbeddingStore:
             tmp = folder / f".{name}{suffix}"
             with open(tmp, "wb") as fh:
                 np.save(fh, array_)
+                fh.flush()
+                os.fsync(fh.fileno())  # a crash after the rename must not leave an empty file under the name
             os.replace(tmp, folder / f"{name}{suffix}")
 
     def embed(self, texts: list[str], model: str, compute) -> np.ndarray:
@@ -162,16 +186,39 @@ class EmbeddingStore:
         if not texts:
             return compute([])
         digests = self.digests(texts)
-        found = self.lookup(model, set(digests))
-        stored = sum(d in found for d in digests)
-        new = list(dict.fromkeys(d for d in digests if d not in found))  # each new text embedded once
-        if new:
-            first = {d: i for i, d in reversed(list(enumerate(digests)))}
-            fresh = compute([texts[first[d]] for d in new])
-            self.add(model, new, fresh)
-            found.update(zip(new, fresh))
-        log.info("embeddings (%s): %d of %d texts from %s, %d embedded", model, stored, len(texts), self.directory, len(new))
-        return np.stack([found[d] for d in digests]).astype(np.float32, copy=False)
+        slot: dict[bytes, int] = {}  # digest -> row of the distinct texts' array
+        firsts: list[int] = []  # the first text of each row
+        for i, d in enumerate(digests):
+            if d not in slot:
+                slot[d] = len(firsts)
+                firsts.append(i)
+        distinct: np.ndarray | None = None
+        have = np.zeros(len(firsts), dtype=bool)
+        for raw, vectors in self.parts(model):
+            rows, at = [], []
+            for row in range(len(raw) // 16):
+                s = slot.get(raw[16 * row : 16 * row + 16])
+                if s is not None and not have[s]:
+                    rows.append(row)
+                    at.append(s)
+                    have[s] = True
+            if rows:
+                if distinct is None:
+                    distinct = np.empty((len(firsts), vectors.shape[1]), dtype=np.float32)
+                distinct[at] = vectors[rows]
+        missing = np.flatnonzero(~have)
+        stored = int(have[[slot[d] for d in digests]].sum())
+        if missing.size:
+            fresh = np.asarray(compute([texts[firsts[s]] for s in missing.tolist()]), dtype=np.float32)
+            if distinct is None:
+                distinct = np.empty((len(firsts), fresh.shape[1]), dtype=np.float32)
+            elif fresh.shape[1] != distinct.shape[1]:
+                raise ConfigError(f"embedding store {self.folder(model)} holds {distinct.shape[1]}-d vectors but {model} gives "
+                                  f"{fresh.shape[1]}-d ones; delete that folder")
+            self.add(model, [digests[firsts[s]] for s in missing.tolist()], fresh)
+            distinct[missing] = fresh
+        log.info("embeddings (%s): %d of %d texts from %s, %d embedded", model, stored, len(texts), self.directory, missing.size)
+        return distinct if len(firsts) == len(texts) else distinct[[slot[d] for d in digests]]
 
 
 # BERT-style pre-tokenization of ASCII text (lower case, words of letters and digits, every other
